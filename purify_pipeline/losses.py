@@ -1,0 +1,52 @@
+"""The D-VAE objective (METHOD.md "Loss"): two reconstructions of the poisoned input, a rate hinge, an energy hinge."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .models import DVAEOutput
+
+
+def kl_per_position(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(q(z|x) || N(0, I)) summed over latent channels, averaged over positions and batch (nats/position).
+
+    On a 16x16 grid tau = 1 is 256 nats per image: a per-image sum or a mean over all dimensions would move the
+    operating point by a factor of 256.
+    """
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)  # N, C, H, W
+    return kl.sum(dim=1).mean()
+
+
+def dvae_loss(
+    out: DVAEOutput,
+    x: Tensor,
+    *,
+    tau: float,
+    epoch: int,
+    kl_weight: float = 0.01,
+    energy_start_epoch: int = 10,
+    energy_floor: float = 0.002,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Total loss and its terms for one batch. `x` is the poisoned input, target of both reconstructions.
+
+    rate: kl_weight * max(KL, tau) - flat (no gradient) while KL < tau, which pins KL at tau.
+    energy: max(mean(p_hat^2), floor), only when epoch > energy_start_epoch (0-based).
+    """
+    assert out.x_hat is not None and out.p_hat is not None
+    rec = torch.mean((out.x_hat - x) ** 2)
+    rec_p = torch.mean((torch.clamp(out.x_hat + out.p_hat, 0.0, 1.0) - x) ** 2)
+    kl = kl_per_position(out.mu, out.logvar)
+    rate = kl_weight * torch.clamp(kl, min=tau)
+    energy = torch.mean(out.p_hat**2)
+    loss = rec + rec_p + rate
+    energy_on = epoch > energy_start_epoch
+    if energy_on:
+        loss = loss + torch.clamp(energy, min=energy_floor)
+    terms = {
+        "loss": loss.detach(),
+        "rec": rec.detach(),
+        "rec_p": rec_p.detach(),
+        "kl": kl.detach(),
+        "energy": energy.detach(),
+    }
+    return loss, terms

@@ -1,0 +1,135 @@
+"""D-VAE: a rate-constrained VAE with a second decoder that explains the perturbation (Yu et al., ICML 2024).
+
+Layout for 32 px with the paper preset (width w = 64, METHOD.md "Architecture"):
+encoder = conv3x3(3->w)+BN+ReLU, 2 BasicBlocks(w), BasicBlock(w->2w, stride 2)          -> s: 2w x 16 x 16
+latent  = 1x1 convs s -> mu, logvar (L x 16 x 16);  z = mu + sigma*eps;  1x1 conv z -> h (2w x 16 x 16)
+D       = ConvT(2w->w,k4,s2) ConvT(w->w) IN ReLU ConvT(w->w/2) IN ReLU ConvT(w/2->3) Sigmoid  -> x_hat
+D_p     = the same layers without the sigmoid, reading h + E[y]                                  -> p_hat
+Larger images add stride-2 BasicBlocks (encoder) and ConvT(k4,s2)+IN+ReLU (decoders) so the latent stays a
+spatial map of side <= 16; 32 px is exactly the paper's network.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import DVAEConfig
+
+
+class DVAEOutput(NamedTuple):
+    x_hat: Tensor | None  # reconstruction in [0, 1]
+    p_hat: Tensor | None  # estimated perturbation (signed)
+    mu: Tensor
+    logvar: Tensor
+
+
+class BasicBlock(nn.Module):
+    """The CIFAR ResNet BasicBlock: two 3x3 conv+BN, identity or 1x1 conv+BN shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+def _encoder(cfg: DVAEConfig) -> nn.Sequential:
+    w = cfg.width
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, w, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(w),
+        nn.ReLU(inplace=True),
+        BasicBlock(w, w),
+        BasicBlock(w, w),
+        BasicBlock(w, 2 * w, stride=2),
+    ]
+    layers += [BasicBlock(2 * w, 2 * w, stride=2) for _ in range(cfg.num_downsample - 1)]
+    return nn.Sequential(*layers)
+
+
+def _decoder(cfg: DVAEConfig, sigmoid: bool) -> nn.Sequential:
+    w = cfg.width
+    layers: list[nn.Module] = []
+    for _ in range(cfg.num_downsample - 1):  # extra upsampling for images larger than 32 px
+        layers += [nn.ConvTranspose2d(2 * w, 2 * w, 4, 2, 1), nn.InstanceNorm2d(2 * w), nn.ReLU(inplace=True)]
+    layers += [
+        nn.ConvTranspose2d(2 * w, w, 4, 2, 1),
+        nn.ConvTranspose2d(w, w, 3, 1, 1),
+        nn.InstanceNorm2d(w),
+        nn.ReLU(inplace=True),
+        nn.ConvTranspose2d(w, w // 2, 3, 1, 1),
+        nn.InstanceNorm2d(w // 2),
+        nn.ReLU(inplace=True),
+        nn.ConvTranspose2d(w // 2, 3, 3, 1, 1),
+    ]
+    if sigmoid:
+        layers.append(nn.Sigmoid())
+    return nn.Sequential(*layers)
+
+
+class DVAE(nn.Module):
+    """Encoder, spatial latent, image decoder D, perturbation decoder D_p, class embedding E."""
+
+    def __init__(self, cfg: DVAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        c, g = 2 * cfg.width, cfg.latent_size
+        self.encoder = _encoder(cfg)
+        self.to_mu = nn.Conv2d(c, cfg.latent_channels, 1)
+        self.to_logvar = nn.Conv2d(c, cfg.latent_channels, 1)
+        self.from_z = nn.Conv2d(cfg.latent_channels, c, 1)
+        self.decoder = _decoder(cfg, sigmoid=True)
+        self.perturbation_decoder = _decoder(cfg, sigmoid=False)
+        self.class_embedding = nn.Parameter(torch.randn(cfg.num_classes, c, g, g))
+
+    def embed(self, y: Tensor) -> Tensor:
+        """E[y] as a one-hot matmul: its backward is deterministic on CPU (indexing's scatter-add is not)."""
+        e = self.class_embedding
+        onehot = torch.nn.functional.one_hot(y, e.shape[0]).to(e.dtype)
+        return (onehot @ e.flatten(1)).view(len(y), *e.shape[1:])
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        g = self.cfg.latent_size
+        return (self.cfg.latent_channels, g, g)
+
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor,
+        *,
+        sample: bool = True,
+        eps: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        decode_x: bool = True,
+        decode_p: bool = True,
+    ) -> DVAEOutput:
+        """x: float NCHW in [0, 1]; y: long (N,). `eps` (N, *latent_shape) overrides the noise draw."""
+        s = self.encoder(x)
+        mu, logvar = self.to_mu(s), self.to_logvar(s)
+        if sample:
+            if eps is None:
+                eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            z = mu + torch.exp(0.5 * logvar) * eps
+        else:
+            z = mu
+        h = self.from_z(z)
+        x_hat = self.decoder(h) if decode_x else None
+        p_hat = self.perturbation_decoder(h + self.embed(y)) if decode_p else None
+        return DVAEOutput(x_hat, p_hat, mu, logvar)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,223 @@
+"""`Purifier`: the two fitted D-VAE stages and the purification they perform; `fit_two_stage` trains them.
+
+Stage 1:  x1 = clamp(x - p1(x, y), 0, 1), quantised to uint8 (the stage-2 model is trained on such images).
+Stage 2:  x2' = clamp(x1 - p2(x1, y), 0, 1);  x_final = D2(x2') — three D-VAE forward passes per image.
+`mode="sample"` draws z as the authors do (seeded), `mode="mean"` uses z = mu (deterministic).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._progress import progress as _progress
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import DVAEConfig
+from .models import DVAE
+from .train import fit_stage, to_float_nchw
+
+MODES = ("sample", "mean")
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(_MASK64)
+    x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & np.uint64(_MASK64)
+    x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & np.uint64(_MASK64)
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_noise(seed: int, sample_ids: np.ndarray, shape: Sequence[int], passes: int = 3) -> Tensor:
+    """Latent noise (N, passes, *shape), each sample's draw a function of (seed, sample_id) only."""
+    with np.errstate(over="ignore"):
+        ids = np.asarray(sample_ids).astype(np.uint64)
+        seeds = _splitmix64(ids ^ _splitmix64(np.full(len(ids), seed & _MASK64, dtype=np.uint64)))
+    out = torch.empty((len(ids), passes, *shape))
+    gen = torch.Generator()
+    for i, s in enumerate(seeds):
+        gen.manual_seed(int(s) & ((1 << 63) - 1))
+        out[i] = torch.randn((passes, *shape), generator=gen)
+    return out
+
+
+def validate_batch(images: Any, labels: Any, *, num_classes: int, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Check uint8 NHWC RGB images of the model's size and integer labels in range; say what was expected."""
+    if isinstance(images, Tensor):
+        images = images.cpu().numpy()
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise ValueError(f"images must be a uint8 numpy array (N, H, W, 3), got {getattr(images, 'dtype', type(images))}")
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must have shape (N, H, W, 3) (uint8 RGB, NHWC), got {images.shape}")
+    if images.shape[1:3] != (image_size, image_size):
+        raise ValueError(f"images are {images.shape[1]}x{images.shape[2]}, the model expects {image_size}x{image_size}")
+    labels = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels)
+    if labels.shape != (len(images),):
+        raise ValueError(f"labels must have shape ({len(images)},) to match the images, got {labels.shape}")
+    if len(labels) and not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)][0]
+        raise ValueError(f"label {bad} is outside the model's classes [0, {num_classes})")
+    return images, labels.astype(np.int64)
+
+
+class Purifier:
+    """Two fitted D-VAE stages. `purify(images, labels)`: uint8 NHWC in, uint8 NHWC out."""
+
+    def __init__(self, stage1: DVAE, stage2: DVAE, *, class_names: Sequence[str] | None = None,
+                 metrics: dict[str, Any] | None = None, data_fingerprint: str | None = None,
+                 fingerprint: str | None = None, device: str | torch.device = "cpu") -> None:  # fmt: skip
+        if stage1.cfg != stage2.cfg:
+            raise ValueError("stage-1 and stage-2 models must share one DVAEConfig")
+        self.cfg: DVAEConfig = stage1.cfg
+        self.stage1, self.stage2 = stage1.eval(), stage2.eval()
+        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(self.cfg.num_classes)]
+        if len(self.class_names) != self.cfg.num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for {self.cfg.num_classes} classes")
+        self.metrics = metrics or {}
+        self.data_fingerprint = data_fingerprint
+        self._fingerprint = fingerprint
+        self.device = torch.device("cpu")
+        self.to(device)
+
+    # ---- properties ----
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.image_size
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 identity of the weights + config (set by save/load; computed on demand otherwise)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for k, v in sorted(self._tensors().items()):
+                h.update(k.encode())
+                h.update(v.cpu().numpy().tobytes())
+            h.update(repr(sorted(self.cfg.to_dict().items())).encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def to(self, device: str | torch.device) -> "Purifier":
+        self.device = torch.device(device)
+        self.stage1.to(self.device)
+        self.stage2.to(self.device)
+        return self
+
+    # ---- purification ----
+    @torch.no_grad()
+    def purify_torch(self, x: Tensor, y: Tensor, *, mode: str = "sample", eps: Tensor | None = None,
+                     generator: torch.Generator | None = None, stages: int = 2) -> Tensor:  # fmt: skip
+        """Fused no-grad purification of a float NCHW batch already on the device; returns float NCHW in [0, 1].
+
+        eps: optional noise (N, 3, *latent) for the three passes; otherwise drawn from `generator`.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        sample = mode == "sample"
+
+        def noise(i: int) -> Tensor | None:
+            return None if eps is None else eps[:, i].to(x.device, non_blocking=True)
+
+        p1 = self.stage1(x, y, sample=sample, eps=noise(0), generator=generator, decode_x=False).p_hat
+        x1 = torch.round(torch.clamp(x - p1, 0, 1) * 255) / 255  # stage 2 was trained on uint8 stage-1 images
+        if stages == 1:
+            return x1
+        p2 = self.stage2(x1, y, sample=sample, eps=noise(1), generator=generator, decode_x=False).p_hat
+        x2 = torch.clamp(x1 - p2, 0, 1)
+        return self.stage2(x2, y, sample=sample, eps=noise(2), generator=generator, decode_p=False).x_hat
+
+    def purify(self, images: np.ndarray, labels: np.ndarray, *, mode: str = "sample", seed: int = 0,
+               sample_ids: np.ndarray | None = None, batch_size: int = 256, progress: bool = False,
+               stages: int = 2) -> np.ndarray:  # fmt: skip
+        """Purify uint8 NHWC images with their labels; uint8 NHWC out (rounded).
+
+        In "sample" mode each image's latent noise depends only on (seed, sample_id); sample_ids default to the
+        position in `images`, so pass stable ids (e.g. hashes of keys) to make results independent of batching.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        images, labels = validate_batch(images, labels, num_classes=self.num_classes, image_size=self.image_size)
+        if sample_ids is None:
+            sample_ids = np.arange(len(images))
+        elif len(sample_ids) != len(images):
+            raise ValueError(f"sample_ids has {len(sample_ids)} entries for {len(images)} images")
+        out = np.empty_like(images)
+        shape = self.stage1.latent_shape
+        for i in _progress(range(0, len(images), batch_size), enabled=progress, desc="purify", unit="batch"):
+            sl = slice(i, i + batch_size)
+            x = to_float_nchw(images[sl]).to(self.device)
+            y = torch.from_numpy(labels[sl]).to(self.device)
+            eps = sample_noise(seed, sample_ids[sl], shape) if mode == "sample" else None
+            xp = self.purify_torch(x, y, mode=mode, eps=eps, stages=stages)
+            out[sl] = torch.round(xp * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return out
+
+    def purify_stage1(self, images: np.ndarray, labels: np.ndarray, **kw: Any) -> np.ndarray:
+        """Stage-1 output x1 = clamp(x - p1) only (what stage 2 is trained on)."""
+        return self.purify(images, labels, stages=1, **kw)
+
+    # ---- persistence ----
+    def _tensors(self) -> dict[str, Tensor]:
+        t = {f"stage1.{k}": v for k, v in self.stage1.state_dict().items()}
+        t.update({f"stage2.{k}": v for k, v in self.stage2.state_dict().items()})
+        return t
+
+    def save(self, path: str | os.PathLike, **storage_options: Any) -> str:
+        """Write `model.safetensors` + `config.json` under `path` (local or fsspec URL); return the fingerprint."""
+        meta = {"config": self.cfg.to_dict(), "class_names": self.class_names, "image_size": self.image_size,
+                "num_classes": self.num_classes, "metrics": self.metrics, "data_fingerprint": self.data_fingerprint}  # fmt: skip
+        self._fingerprint = save_checkpoint(os.fspath(path), self._tensors(), meta, **storage_options)
+        return self._fingerprint
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu", **storage_options: Any) -> "Purifier":
+        """Load a checkpoint directory (local or fsspec URL). Never unpickles; verifies the weights' sha256."""
+        tensors, meta = load_checkpoint(path, **storage_options)
+        try:
+            cfg = DVAEConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: invalid model config in config.json ({e})") from None
+        models = []
+        for stage in ("stage1", "stage2"):
+            m = DVAE(cfg)
+            sd = {k[len(stage) + 1 :]: v for k, v in tensors.items() if k.startswith(stage + ".")}
+            try:
+                m.load_state_dict(sd, strict=True)
+            except RuntimeError as e:
+                raise CheckpointError(f"{path}: {stage} weights do not match the config: {e}") from None
+            models.append(m)
+        return cls(models[0], models[1], class_names=meta.get("class_names"), metrics=meta.get("metrics"),
+                   data_fingerprint=meta.get("data_fingerprint"), fingerprint=meta["fingerprint"], device=device)  # fmt: skip
+
+
+def data_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 of the training images and labels (recorded in checkpoints)."""
+    h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    h.update(np.asarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def fit_two_stage(images: np.ndarray, labels: np.ndarray, cfg: DVAEConfig, *, class_names: Sequence[str] | None = None,
+                  device: str | torch.device = "cpu", progress: bool = True) -> Purifier:  # fmt: skip
+    """Fit both stages on in-memory data: stage 1 on the (poisoned) images, stage 2 on stage-1 outputs."""
+    images, labels = validate_batch(images, labels, num_classes=cfg.num_classes, image_size=cfg.image_size)
+    if len(images) < cfg.batch_size:
+        raise ValueError(f"{len(images)} images is fewer than one batch ({cfg.batch_size}); lower batch_size")
+    torch.manual_seed(cfg.seed)
+    stage1, stage2 = DVAE(cfg), DVAE(cfg)
+    h1 = fit_stage(stage1, images, labels, tau=cfg.tau1, epochs=cfg.epochs, cfg=cfg, device=device,
+                   seed=cfg.seed, progress=progress, desc="stage 1")  # fmt: skip
+    half = Purifier(stage1, stage2, class_names=class_names, device=device)
+    x1 = half.purify_stage1(images, labels, mode=cfg.stage1_mode, seed=cfg.seed, progress=progress)
+    h2 = fit_stage(stage2, x1, labels, tau=cfg.tau2, epochs=cfg.stage2_epochs, cfg=cfg, device=device,
+                   seed=cfg.seed + 1, progress=progress, desc="stage 2")  # fmt: skip
+    return Purifier(stage1, stage2, class_names=class_names, metrics={"stage1": h1, "stage2": h2},
+                    data_fingerprint=data_fingerprint(images, labels), device=device)  # fmt: skip

@@ -1,0 +1,127 @@
+"""`fit_stage`: the single-process training loop of one D-VAE stage (the Ray Train job runs it per worker).
+
+Adam (lr 5e-3, no weight decay), cosine annealing stepped per epoch, drop_last batches, gradient-norm clip,
+no augmentation — METHOD.md. Data come either as in-memory uint8 arrays (shuffled per epoch from the seed) or
+as a callable `epoch -> iterable of (images, labels)` batches (what a Ray Data shard provides).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ._progress import progress as _progress
+from .config import DVAEConfig
+from .losses import dvae_loss
+
+Batches = Callable[[int], Iterable[tuple[Any, Any]]]
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def to_float_nchw(x: Tensor | np.ndarray) -> Tensor:
+    """uint8 NHWC (array or tensor) -> float NCHW in [0, 1]; float NCHW passes through."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if x.dtype == torch.uint8:
+        return x.permute(0, 3, 1, 2).float().div_(255.0)
+    return x.float()
+
+
+def array_batches(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int, epoch: int, drop_last: bool = True
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Seeded per-epoch shuffle of in-memory arrays into (uint8 NHWC, int64) batches."""
+    n = len(images)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for i in range(0, stop, batch_size):
+        idx = np.sort(order[i : i + batch_size])
+        yield torch.from_numpy(images[idx]), torch.from_numpy(labels[idx].astype(np.int64))
+
+
+def make_optimizer(model: nn.Module, cfg: DVAEConfig, epochs: int) -> tuple[torch.optim.Optimizer, Any]:
+    """Adam + per-epoch cosine annealing over the stage's epochs, as the authors train."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    return opt, sched
+
+
+def fit_stage(
+    model: nn.Module,
+    data: np.ndarray | Batches,
+    labels: np.ndarray | None = None,
+    *,
+    tau: float,
+    epochs: int,
+    cfg: DVAEConfig | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    start_epoch: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    on_epoch_end: EpochCallback | None = None,
+    progress: bool = True,
+    desc: str = "D-VAE",
+    autocast_dtype: torch.dtype | None = None,
+) -> list[dict[str, float]]:
+    """Train `model` (a DVAE, possibly DDP-wrapped) for epochs [start_epoch, epochs); return per-epoch metrics.
+
+    Resuming: pass the restored optimizer/scheduler and `start_epoch`; shuffling and latent noise are seeded per
+    (seed, epoch), so a resumed run sees the same batches and noise as an uninterrupted one.
+    """
+    cfg = cfg or getattr(model, "module", model).cfg
+    if labels is not None:
+        images, labels_arr = np.asarray(data), np.asarray(labels)
+        batches: Batches = lambda e: array_batches(images, labels_arr, cfg.batch_size, seed=seed, epoch=e)
+        steps: int | None = cfg.steps_per_epoch(len(images))
+    elif callable(data):
+        batches, steps = data, None
+    else:
+        raise TypeError("fit_stage needs (images, labels) arrays or a callable epoch -> iterable of batches")
+    if optimizer is None:
+        optimizer, scheduler = make_optimizer(model, cfg, epochs)
+        for _ in range(start_epoch):
+            scheduler.step()
+    device = torch.device(device)
+    model.to(device)
+    history: list[dict[str, float]] = []
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        sums: dict[str, Tensor] = {}
+        n_seen, step, t0 = 0, 0, time.perf_counter()
+        bar = _progress(batches(epoch), enabled=progress, total=steps, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False)
+        for xb, yb in bar:
+            x = to_float_nchw(xb).to(device, non_blocking=True)
+            y = torch.as_tensor(yb).to(device, non_blocking=True).long()
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                out = model(x, y, sample=True, generator=gen)
+            loss, terms = dvae_loss(
+                out._replace(x_hat=out.x_hat.float(), p_hat=out.p_hat.float(), mu=out.mu.float(), logvar=out.logvar.float()),
+                x, tau=tau, epoch=epoch, kl_weight=cfg.kl_weight,
+                energy_start_epoch=cfg.energy_start_epoch, energy_floor=cfg.energy_floor,
+            )  # fmt: skip
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v * len(x)
+            n_seen, step = n_seen + len(x), step + 1
+            if step % 10 == 1:
+                bar.set_postfix(loss=f"{terms['loss'].item():.4f}", kl=f"{terms['kl'].item():.2f}")
+        if scheduler is not None:
+            scheduler.step()
+        seconds = time.perf_counter() - t0
+        metrics = {k: float(v) / max(n_seen, 1) for k, v in sums.items()}
+        metrics.update(epoch=epoch, tau=tau, lr=lr, samples=n_seen, seconds=seconds,
+                       samples_per_s=n_seen / seconds if seconds > 0 else 0.0,
+                       kl_above_tau=metrics.get("kl", 0.0) > tau)  # fmt: skip
+        history.append(metrics)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
+    return history

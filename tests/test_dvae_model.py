@@ -1,0 +1,99 @@
+"""DVAE architecture, presets and the loss (METHOD.md "Architecture" and "Loss")."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from purify_pipeline import DVAE, DVAEConfig
+from purify_pipeline.losses import dvae_loss, kl_per_position
+from purify_pipeline.models import DVAEOutput, count_parameters
+
+
+def test_paper_preset_is_the_authors_setting():
+    c = DVAEConfig.preset("paper")
+    assert (c.width, c.latent_channels, c.image_size, c.num_classes) == (64, 256, 32, 10)
+    assert (c.lr, c.epochs, c.stage2_epochs, c.batch_size, c.grad_clip) == (5e-3, 60, 60, 128, 5.0)
+    assert (c.tau1, c.tau2, c.kl_weight, c.energy_start_epoch, c.energy_floor) == (1.0, 3.0, 0.01, 10, 0.002)
+    assert c.latent_size == 16 and c.stage1_mode == "sample"
+
+
+def test_paper_parameter_count():
+    m = DVAE(DVAEConfig.preset("paper"))
+    n = count_parameters(m)
+    assert 1_170_000 < n < 1_195_000, n  # METHOD.md: about 1.18 M, embedding 0.33 M of it
+    assert m.class_embedding.numel() == 10 * 128 * 16 * 16
+    assert tuple(m.latent_shape) == (256, 16, 16)
+
+
+@pytest.mark.parametrize("size,grid", [(32, 16), (64, 16), (224, 14)])
+def test_output_shapes(size, grid):
+    cfg = DVAEConfig.preset("tiny", image_size=size, num_classes=3)
+    m = DVAE(cfg)
+    x, y = torch.rand(2, 3, size, size), torch.tensor([0, 2])
+    out = m(x, y)
+    assert out.x_hat.shape == out.p_hat.shape == (2, 3, size, size)
+    assert out.mu.shape == out.logvar.shape == (2, cfg.latent_channels, grid, grid)
+    assert 0 <= out.x_hat.min() and out.x_hat.max() <= 1
+    # the perturbation decoder has no sigmoid: p_hat takes negative values
+    assert out.p_hat.min() < 0
+
+
+def test_every_parameter_gets_a_gradient():
+    cfg = DVAEConfig.preset("tiny")
+    m = DVAE(cfg)
+    x, y = torch.rand(4, 3, 32, 32), torch.arange(4)
+    loss, _ = dvae_loss(m(x, y), x, tau=0.0, epoch=11)
+    loss.backward()
+    dead = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert dead == []
+
+
+def test_kl_matches_hand_computation():
+    mu = torch.zeros(2, 3, 4, 4)
+    logvar = torch.zeros(2, 3, 4, 4)
+    mu[:, 0] = 1.0  # 0.5 * 1 per position
+    logvar[:, 1] = 2.0  # 0.5 * (e^2 - 1 - 2) per position
+    want = 0.5 * 1.0 + 0.5 * (torch.exp(torch.tensor(2.0)).item() - 3.0)
+    assert kl_per_position(mu, logvar).item() == pytest.approx(want, rel=1e-6)
+    # nats per *position*: doubling the grid does not change it, doubling channels does
+    assert kl_per_position(mu.repeat(1, 1, 2, 2), logvar.repeat(1, 1, 2, 2)).item() == pytest.approx(want, rel=1e-6)
+    assert kl_per_position(mu.repeat(1, 2, 1, 1), logvar.repeat(1, 2, 1, 1)).item() == pytest.approx(2 * want, rel=1e-6)
+
+
+def _grads_of_rate(kl_scale: float, tau: float) -> torch.Tensor:
+    mu = torch.full((2, 8, 4, 4), kl_scale, requires_grad=True)
+    logvar = torch.zeros(2, 8, 4, 4)
+    x = torch.rand(2, 3, 8, 8)
+    out = DVAEOutput(x_hat=x.clone(), p_hat=torch.zeros_like(x), mu=mu, logvar=logvar)
+    loss, terms = dvae_loss(out, x, tau=tau, epoch=0)
+    loss.backward()
+    return mu.grad, terms["kl"].item()
+
+
+def test_kl_hinge_is_flat_below_tau_and_active_above():
+    g, kl = _grads_of_rate(0.1, tau=1.0)  # KL = 8 * 0.5 * 0.01 = 0.04 < 1
+    assert kl < 1.0 and torch.count_nonzero(g) == 0
+    g, kl = _grads_of_rate(1.0, tau=1.0)  # KL = 4 > 1
+    assert kl > 1.0 and torch.all(g > 0)
+
+
+def test_energy_hinge_only_after_epoch_10():
+    x = torch.rand(2, 3, 8, 8)
+    p = torch.full_like(x, 0.1, requires_grad=True)
+    out = DVAEOutput(x_hat=torch.zeros_like(x), p_hat=p, mu=torch.zeros(2, 4, 2, 2), logvar=torch.zeros(2, 4, 2, 2))
+    l10, _ = dvae_loss(out, x, tau=1.0, epoch=10)
+    l11, t = dvae_loss(out, x, tau=1.0, epoch=11)
+    assert (l11 - l10).item() == pytest.approx(max(0.01, 0.002), rel=1e-5)  # mean(p^2) = 0.01 > floor
+    assert t["energy"].item() == pytest.approx(0.01, rel=1e-5)
+
+
+def test_config_validation_and_roundtrip():
+    with pytest.raises(ValueError, match="unknown preset"):
+        DVAEConfig.preset("huge")
+    with pytest.raises(ValueError, match="unknown DVAEConfig fields"):
+        DVAEConfig.preset("cpu", widht=3)
+    with pytest.raises(ValueError, match="divisible"):
+        DVAEConfig(image_size=36, downsample=3)
+    c = DVAEConfig.preset("cpu", num_classes=100, tau2=2.5)
+    assert DVAEConfig.from_dict(c.to_dict()) == c
+    assert c.num_classes == 100 and c.tau2 == 2.5 and c.width == 32

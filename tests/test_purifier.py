@@ -1,0 +1,200 @@
+"""Purifier: modes and seeds, input validation, checkpoints (safetensors + JSON, never pickle), fit_stage."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from purify_pipeline import CheckpointError, DVAE, DVAEConfig, Purifier, fit_stage, fit_two_stage
+
+
+@pytest.fixture(scope="module")
+def purifier() -> Purifier:
+    torch.manual_seed(0)
+    cfg = DVAEConfig.preset("tiny", num_classes=4)
+    return Purifier(DVAE(cfg), DVAE(cfg), class_names=["a", "b", "c", "d"])
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[np.ndarray, np.ndarray]:
+    r = np.random.default_rng(1)
+    return r.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), r.integers(0, 4, 12)
+
+
+def test_purify_shapes_and_dtype(purifier, batch):
+    out = purifier.purify(*batch, mode="mean")
+    assert out.shape == batch[0].shape and out.dtype == np.uint8
+
+
+def test_mean_mode_is_deterministic(purifier, batch):
+    a = purifier.purify(*batch, mode="mean", seed=0)
+    b = purifier.purify(*batch, mode="mean", seed=123)
+    assert np.array_equal(a, b)
+
+
+def test_sample_mode_is_reproducible_under_a_seed(purifier, batch):
+    a = purifier.purify(*batch, mode="sample", seed=7)
+    b = purifier.purify(*batch, mode="sample", seed=7)
+    c = purifier.purify(*batch, mode="sample", seed=8)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_sample_ids_make_results_independent_of_batching(purifier, batch):
+    images, labels = batch
+    ids = np.arange(100, 112)
+    whole = purifier.purify(images, labels, mode="sample", seed=3, sample_ids=ids)
+    parts = np.concatenate([
+        purifier.purify(images[i : i + 5], labels[i : i + 5], mode="sample", seed=3, sample_ids=ids[i : i + 5])
+        for i in range(0, 12, 5)
+    ])
+    assert np.array_equal(whole, parts)
+    small_batches = purifier.purify(images, labels, mode="sample", seed=3, sample_ids=ids, batch_size=4)
+    assert np.array_equal(whole, small_batches)
+
+
+@pytest.mark.parametrize(
+    "images,labels,match",
+    [
+        (np.zeros((2, 32, 32, 3), np.float32), [0, 1], "uint8"),
+        (np.zeros((2, 32, 32), np.uint8), [0, 1], r"\(N, H, W, 3\)"),
+        (np.zeros((2, 32, 32, 4), np.uint8), [0, 1], r"\(N, H, W, 3\)"),
+        (np.zeros((2, 64, 64, 3), np.uint8), [0, 1], "expects 32x32"),
+        (np.zeros((2, 32, 32, 3), np.uint8), [0, 4], r"outside the model's classes \[0, 4\)"),
+        (np.zeros((2, 32, 32, 3), np.uint8), [-1, 0], "outside"),
+        (np.zeros((2, 32, 32, 3), np.uint8), [0.0, 1.5], "integers"),
+        (np.zeros((2, 32, 32, 3), np.uint8), [0, 1, 2], r"shape \(2,\)"),
+    ],
+)
+def test_bad_input_says_what_was_expected(purifier, images, labels, match):
+    with pytest.raises(ValueError, match=match):
+        purifier.purify(images, np.asarray(labels))
+
+
+def test_bad_mode(purifier, batch):
+    with pytest.raises(ValueError, match="mode"):
+        purifier.purify(*batch, mode="median")
+
+
+def test_checkpoint_roundtrip_is_bit_exact_and_pickle_free(purifier, batch, tmp_path, monkeypatch):
+    fp = purifier.save(tmp_path / "ck")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors"]
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert meta["class_names"] == ["a", "b", "c", "d"] and meta["image_size"] == 32 and meta["fingerprint"] == fp
+
+    def forbidden(*a, **k):
+        raise AssertionError("checkpoint loading must not unpickle")
+
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    loaded = Purifier.load(tmp_path / "ck")
+    monkeypatch.undo()
+    for (k, a), (k2, b) in zip(sorted(purifier._tensors().items()), sorted(loaded._tensors().items())):
+        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b)
+    assert loaded.fingerprint == fp and loaded.class_names == purifier.class_names
+    assert np.array_equal(purifier.purify(*batch, seed=5), loaded.purify(*batch, seed=5))
+    loaded.save(tmp_path / "again")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "ck" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+    # a safetensors file is an 8-byte length, a JSON header, raw tensor bytes: no pickle protocol marker
+    assert not (tmp_path / "ck" / "model.safetensors").read_bytes().startswith(b"\x80")
+
+
+def test_corrupt_and_mismatched_checkpoints_are_clear_errors(purifier, tmp_path):
+    ck = tmp_path / "ck"
+    purifier.save(ck)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        Purifier.load(tmp_path / "nothing")
+    w = ck / "model.safetensors"
+    blob = bytearray(w.read_bytes())
+    blob[-1] ^= 0xFF
+    w.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="sha256"):
+        Purifier.load(ck)
+    purifier.save(ck)
+    meta = json.loads((ck / "config.json").read_text())
+    meta["config"]["width"] = 16  # weights are for width 8
+    (ck / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="do not match the config"):
+        Purifier.load(ck)
+    (ck / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt JSON"):
+        Purifier.load(ck)
+
+
+def test_checkpoint_over_fsspec_memory_filesystem(purifier, batch):
+    fp = purifier.save("memory://ckpts/one")
+    loaded = Purifier.load("memory://ckpts/one")
+    assert loaded.fingerprint == fp
+    assert np.array_equal(purifier.purify(*batch, mode="mean"), loaded.purify(*batch, mode="mean"))
+
+
+def test_fit_stage_reports_metrics_and_resumes_identically():
+    r = np.random.default_rng(0)
+    x, y = r.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8), r.integers(0, 4, 128)
+    cfg = DVAEConfig.preset("tiny", num_classes=4, batch_size=32)
+    torch.manual_seed(0)
+    a = DVAE(cfg)
+    b = DVAE(cfg)
+    b.load_state_dict(a.state_dict())
+    seen = []
+    hist = fit_stage(a, x, y, tau=1.0, epochs=3, cfg=cfg, progress=False, on_epoch_end=lambda e, m: seen.append(e))
+    assert seen == [0, 1, 2] and [h["epoch"] for h in hist] == [0, 1, 2]
+    assert {"loss", "rec", "rec_p", "kl", "energy", "samples_per_s", "lr", "tau"} <= set(hist[0])
+    assert hist[0]["samples"] == 128
+    # resume: run epoch 0, then continue with the restored optimizer state from epoch 1
+    from purify_pipeline.train import make_optimizer
+
+    opt, sched = make_optimizer(b, cfg, 3)
+    fit_stage(b, x, y, tau=1.0, epochs=1, cfg=cfg, progress=False, optimizer=opt, scheduler=sched)
+    h2 = fit_stage(b, x, y, tau=1.0, epochs=3, cfg=cfg, progress=False, start_epoch=1, optimizer=opt, scheduler=sched)
+    assert h2[-1]["loss"] == hist[-1]["loss"]
+    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(va, vb), k  # bit-exact: same seed, same bytes
+
+
+def test_fit_stage_pins_kl_near_tau():
+    """A few hundred steps: the hinge holds KL at tau (it would drift far above it without the hinge)."""
+    r = np.random.default_rng(0)
+    x, y = r.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8), r.integers(0, 2, 128)
+    x = (x // 64 * 64).astype(np.uint8)  # some structure to encode
+    cfg = DVAEConfig.preset("tiny", num_classes=2, batch_size=16, lr=5e-3)
+    torch.manual_seed(0)
+    hist = fit_stage(DVAE(cfg), x, y, tau=2.0, epochs=40, cfg=cfg, progress=False)  # 320 steps
+    assert hist[0]["kl"] > 3.0  # it starts far above tau
+    last = hist[-1]["kl"]
+    assert 1.5 < last < 3.0, [round(h["kl"], 2) for h in hist]
+
+
+def test_fit_two_stage_trains_stage2_on_stage1_outputs(monkeypatch):
+    r = np.random.default_rng(0)
+    x, y = r.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), r.integers(0, 2, 64)
+    cfg = DVAEConfig.preset("tiny", num_classes=2, batch_size=32)
+    import purify_pipeline.purifier as P
+
+    calls = []
+    real = P.fit_stage
+    monkeypatch.setattr(P, "fit_stage", lambda m, imgs, labs, **kw: calls.append((imgs.copy(), kw["tau"])) or real(m, imgs, labs, **kw))
+    pur = fit_two_stage(x, y, cfg, progress=False)
+    assert [c[1] for c in calls] == [cfg.tau1, cfg.tau2]
+    assert np.array_equal(calls[0][0], x)
+    assert not np.array_equal(calls[1][0], x)
+    half = Purifier(pur.stage1, pur.stage2)
+    want = half.purify_stage1(x, y, mode=cfg.stage1_mode, seed=cfg.seed)
+    assert np.array_equal(calls[1][0], want)
+    assert set(pur.metrics) == {"stage1", "stage2"} and pur.data_fingerprint
+
+
+def test_fit_two_stage_same_seed_same_bytes():
+    r = np.random.default_rng(0)
+    x, y = r.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), r.integers(0, 2, 64)
+    cfg = DVAEConfig.preset("tiny", num_classes=2, batch_size=32)
+    a = fit_two_stage(x, y, cfg, progress=False)
+    b = fit_two_stage(x, y, cfg, progress=False)
+    c = fit_two_stage(x, y, DVAEConfig.preset("tiny", num_classes=2, batch_size=32, seed=1), progress=False)
+    assert a.fingerprint == b.fingerprint != c.fingerprint
