@@ -1,23 +1,32 @@
 """purify_pipeline: remove unlearnable-example poisons from image datasets with D-VAE (Yu et al., ICML 2024).
 
-shards -> poisons -> model -> fit (Ray Train) -> PurifyStage (Ray Data) -> train classifiers.
+The data flow, one module each:
+    shards      WebDataset I/O (local or fsspec URLs)         shards.expand / iter_samples / load_arrays
+    poisons     unlearnable-example generators                poisons.generate("lsp", images, labels, ...)
+    models      the D-VAE network                             DVAE, DVAEConfig.preset("paper" | "cpu")
+    train       one stage's training loop                     fit_stage
+    purifier    two fitted stages, checkpoints                Purifier.load(path).purify(images, labels)
+    fit         Ray Train job fitting both stages             fit_purifier(shards, output=...)
+    stage       Ray Data map stage                            ds = PurifyStage(ckpt)(ds)
+    purify      shards in -> purified shards out (Ray Data)   purify_shards(inputs, output, ckpt)
+    defenses / classifiers / loader / train_classifier        baselines and the evaluation side
 """
+from . import shards
 from .checkpoint import CheckpointError
 from .config import DVAEConfig
+from .fit import fit_purifier
 from .metrics import psnr, retention
 from .models import DVAE
 from .purifier import Purifier, fit_two_stage
+from .purify import PurifySummary, purify_shards
+from .shards import ShardError
+from .stage import PurifyBatch, PurifyConfig, PurifyStage
 from .train import fit_stage
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError",
-    "DVAE",
-    "DVAEConfig",
-    "Purifier",
-    "fit_stage",
-    "fit_two_stage",
-    "psnr",
-    "retention",
-]
+    "CheckpointError", "DVAE", "DVAEConfig", "Purifier", "PurifyBatch", "PurifyConfig", "PurifyStage",
+    "PurifySummary", "ShardError", "fit_purifier", "fit_stage", "fit_two_stage", "psnr", "purify_shards",
+    "retention", "shards",
+]  # fmt: skip

@@ -21,27 +21,64 @@ from .models import DVAE
 from .train import fit_stage, to_float_nchw
 
 MODES = ("sample", "mean")
-_MASK64 = (1 << 64) - 1
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(_MASK64)
-    x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & np.uint64(_MASK64)
-    x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & np.uint64(_MASK64)
-    return x ^ (x >> np.uint64(31))
+def _i64(c: int) -> int:
+    """A 64-bit constant as the signed int64 torch stores (arithmetic wraps modulo 2**64)."""
+    return c - (1 << 64) if c >= (1 << 63) else c
 
 
-def sample_noise(seed: int, sample_ids: np.ndarray, shape: Sequence[int], passes: int = 3) -> Tensor:
-    """Latent noise (N, passes, *shape), each sample's draw a function of (seed, sample_id) only."""
-    with np.errstate(over="ignore"):
-        ids = np.asarray(sample_ids).astype(np.uint64)
-        seeds = _splitmix64(ids ^ _splitmix64(np.full(len(ids), seed & _MASK64, dtype=np.uint64)))
+def _mix64(x: Tensor) -> Tensor:
+    """splitmix64's finaliser on int64 tensors (logical shifts emulated with masks)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _i64(0xBF58476D1CE4E5B9)
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _i64(0x94D049BB133111EB)
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def sample_noise(seed: int, sample_ids: np.ndarray | Tensor, shape: Sequence[int], passes: int = 3,
+                 device: str | torch.device = "cpu") -> Tensor:  # fmt: skip
+    """Standard-normal latent noise (N, passes, *shape); each sample's draw depends on (seed, id) only, so
+    results do not depend on how samples are batched.
+
+    On the CPU: one seeded torch generator per sample (torch's fast randn). On an accelerator: a counter-based
+    generator that runs on the device (`counter_noise`), since a per-sample host loop would starve a GPU.
+    The two give different (equally distributed) draws: the same seed reproduces bytes per device type.
+    """
+    device = torch.device(device)
+    if device.type != "cpu":
+        return counter_noise(seed, sample_ids, shape, passes, device)
+    ids = np.asarray(sample_ids.cpu() if isinstance(sample_ids, Tensor) else sample_ids, dtype=np.int64)
+    base = int(_mix64(torch.tensor(seed, dtype=torch.int64)))
+    seeds = _mix64(torch.from_numpy(ids) * _i64(0x9E3779B97F4A7C15) + base)
     out = torch.empty((len(ids), passes, *shape))
     gen = torch.Generator()
-    for i, s in enumerate(seeds):
-        gen.manual_seed(int(s) & ((1 << 63) - 1))
-        out[i] = torch.randn((passes, *shape), generator=gen)
+    for i, s in enumerate(seeds.tolist()):
+        gen.manual_seed(s & ((1 << 63) - 1))
+        torch.randn((passes, *shape), generator=gen, out=out[i])
     return out
+
+
+def counter_noise(seed: int, sample_ids: np.ndarray | Tensor, shape: Sequence[int], passes: int = 3,
+                  device: str | torch.device = "cpu") -> Tensor:  # fmt: skip
+    """Counter-based normals: splitmix64 of (seed, id, element) -> two 24-bit uniforms -> Box-Muller, in torch."""
+    device = torch.device(device)
+    ids = torch.as_tensor(np.asarray(sample_ids, dtype=np.int64) if not isinstance(sample_ids, Tensor) else sample_ids,
+                          dtype=torch.int64, device=device)  # fmt: skip
+    numel = passes * int(np.prod(shape))
+    half = (numel + 1) // 2
+    base = _mix64(_mix64(ids * _i64(0x9E3779B97F4A7C15) + _mix64(torch.tensor(seed, dtype=torch.int64, device=device))))
+    ctr = torch.arange(half, dtype=torch.int64, device=device) * 2
+    h1 = _mix64(base[:, None] + ctr[None, :] * _i64(0xD1B54A32D192ED03))
+    h2 = _mix64(base[:, None] + (ctr[None, :] + 1) * _i64(0xD1B54A32D192ED03))
+    scale = 1.0 / (1 << 24)
+    u1 = (((h1 >> 40) & 0xFFFFFF).to(torch.float32) + 0.5) * scale  # (0, 1): log is finite
+    u2 = ((h2 >> 40) & 0xFFFFFF).to(torch.float32) * scale
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    theta = (2.0 * torch.pi) * u2
+    z = torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=1)[:, :numel]
+    return z.reshape(len(ids), passes, *shape)
 
 
 def validate_batch(images: Any, labels: Any, *, num_classes: int, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +192,7 @@ class Purifier:
             sl = slice(i, i + batch_size)
             x = to_float_nchw(images[sl]).to(self.device)
             y = torch.from_numpy(labels[sl]).to(self.device)
-            eps = sample_noise(seed, sample_ids[sl], shape) if mode == "sample" else None
+            eps = sample_noise(seed, sample_ids[sl], shape, device=self.device) if mode == "sample" else None
             xp = self.purify_torch(x, y, mode=mode, eps=eps, stages=stages)
             out[sl] = torch.round(xp * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return out

@@ -1,0 +1,356 @@
+"""`fit_purifier`: fit the two-stage D-VAE on a dataset's WebDataset shards with Ray Train.
+
+    ckpt = fit_purifier("data/train-{000000..000049}.tar", preset="cpu", output="ckpt/", num_workers=2)
+
+Pipeline (each step skipped when a previous run with the same run name already finished it):
+1. stage 1: a `TorchTrainer` (DDP; gloo on CPU, nccl on GPU) whose workers run `fit_stage` on their
+   `get_dataset_shard("train")` batches; a checkpoint (safetensors + JSON) every epoch.
+2. stage-1 purification of the training shards with `purify_shards(..., stages=1)` — the PurifyStage path.
+3. stage 2: the same trainer on those stage-1 shards.
+4. one combined checkpoint at `output`, loadable by `Purifier.load` and `PurifyStage`.
+Re-running with the same `run_name` resumes the current stage from its last completed epoch; worker failures
+are retried by Ray Train (`max_failures`). `num_workers=0` runs the same loop in this process (debugging).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import shards
+from ._progress import progress_enabled
+from .config import DVAEConfig
+from .models import DVAE
+from .purifier import Purifier
+from .shards import ShardError
+from .train import fit_stage, make_optimizer
+
+__all__ = ["fit_purifier", "training_dataset"]
+
+
+# ----------------------------------------------------------------------------------------------- data
+def _decode_batch(batch: dict[str, np.ndarray], *, num_classes: int, image_size: int) -> dict[str, np.ndarray]:
+    """Raw shard rows -> {"image": uint8 NHWC, "label": int64}; bad samples raise ShardError(shard, key)."""
+    images, labels = [], []
+    for i, key in enumerate(batch["__key__"]):
+        url = str(batch["__url__"][i])
+        if batch["__error__"][i]:
+            raise ShardError(str(batch["__error__"][i]), shard=url, key=str(key))
+        row = {c: batch[c][i] for c in batch if not c.startswith("__") and batch[c][i] is not None}
+        col = shards.find_image_column(row, shard=url, key=key)
+        img = shards.decode_image(row[col], col, shard=url, key=key)
+        if img.shape[:2] != (image_size, image_size):
+            raise ShardError(f"image is {img.shape[0]}x{img.shape[1]}, the model expects {image_size}x{image_size}",
+                             shard=url, key=key)  # fmt: skip
+        label = shards.parse_label(row.get("cls"), shard=url, key=key)
+        if not 0 <= label < num_classes:
+            raise ShardError(f"label {label} is outside the model's classes [0, {num_classes})", shard=url, key=key)
+        images.append(img)
+        labels.append(label)
+    return {"image": np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8),
+            "label": np.asarray(labels, dtype=np.int64)}  # fmt: skip
+
+
+def training_dataset(urls: Sequence[str], *, num_classes: int, image_size: int,
+                     storage_options: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
+    """A Ray Dataset of decoded, validated {"image", "label"} rows read from WebDataset shards."""
+    import ray
+
+    from .purify import read_shards
+
+    so = dict(storage_options or {})
+    ds = ray.data.from_items([{"index": i, "url": u} for i, u in enumerate(urls)], override_num_blocks=len(urls))
+    ds = ds.map_batches(read_shards, fn_kwargs={"on_error": "skip", "storage_options": so}, batch_size=1,
+                        batch_format="numpy", num_cpus=0.25)  # fmt: skip
+    return ds.map_batches(_decode_batch, fn_kwargs={"num_classes": num_classes, "image_size": image_size},
+                          batch_format="numpy", num_cpus=0.25)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------- train state
+def _save_state(d: str, model: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int, history: list[dict]) -> None:
+    """Epoch checkpoint: weights + Adam moments as safetensors, the rest as JSON (nothing pickled)."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(d, "model.safetensors"))
+    st = opt.state_dict()["state"]
+    save_file({f"{i}.{n}": t.detach().cpu().contiguous().reshape(t.shape) for i, s in st.items() for n, t in s.items()},
+              os.path.join(d, "optimizer.safetensors"))  # fmt: skip
+    Path(d, "state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
+
+
+def _load_state(d: str, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any) -> tuple[int, list[dict]]:
+    """Restore an epoch checkpoint; return (next epoch, history so far)."""
+    model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+    flat = load_file(os.path.join(d, "optimizer.safetensors"))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, t in flat.items():
+        i, n = k.split(".", 1)
+        state.setdefault(int(i), {})[n] = t
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    meta = json.loads(Path(d, "state.json").read_text())
+    for _ in range(meta["epoch"] + 1):
+        sched.step()  # the cosine schedule at the resumed epoch, exactly as an uninterrupted run has it
+    return meta["epoch"] + 1, meta["history"]
+
+
+# ------------------------------------------------------------------------------------ the train loop
+class _LocalSession:
+    """What a worker needs from Ray Train, for num_workers=0: the driver's dataset and a local checkpoint dir."""
+
+    rank, world = 0, 1
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.ds, self.ckpt = config["dataset"], Path(config["stage_dir"], "local-checkpoint")
+        self.device = torch.device("cuda" if config["use_gpu"] else "cpu")
+
+    def restore_dir(self) -> str | None:
+        return str(self.ckpt) if (self.ckpt / "state.json").exists() else None
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    def iterator(self) -> Any:
+        return self.ds.iterator()
+
+    def report(self, metrics: dict, ckpt_dir: str | None) -> None:
+        if ckpt_dir:
+            tmp = self.ckpt.with_name(self.ckpt.name + ".tmp")
+            os.makedirs(tmp, exist_ok=True)
+            for f in os.listdir(ckpt_dir):
+                os.replace(os.path.join(ckpt_dir, f), tmp / f)
+            if self.ckpt.exists():
+                for f in self.ckpt.iterdir():
+                    f.unlink()
+                self.ckpt.rmdir()
+            os.replace(tmp, self.ckpt)
+
+
+class _RaySession:
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self._ckpt = ray.train.get_checkpoint()
+        self._restore: Any = None
+
+    def restore_dir(self) -> str | None:
+        if self._ckpt is None:
+            return None
+        self._restore = self._ckpt.as_directory()
+        return self._restore.__enter__()
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def iterator(self) -> Any:
+        import ray.train
+
+        return ray.train.get_dataset_shard("train")
+
+    def report(self, metrics: dict, ckpt_dir: str | None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """One worker of one stage: build the model, resume if a checkpoint exists, run `fit_stage`."""
+    sess = _LocalSession(config) if config.get("local") else _RaySession()
+    cfg, stage = DVAEConfig.from_dict(config["cfg"]), config["stage"]
+    epochs, tau = cfg.epochs_for(stage), cfg.tau(stage)
+    torch.manual_seed(cfg.seed + 1000 * stage)  # identical initial weights on every rank
+    model = DVAE(cfg)
+    opt, sched = make_optimizer(model, cfg, epochs)
+    start, history = 0, []
+    restore = sess.restore_dir()
+    if restore:
+        start, history = _load_state(restore, model, opt, sched)
+    model = sess.prepare(model)
+    it = sess.iterator()
+    per_worker = max(1, cfg.batch_size // sess.world)  # the global batch stays cfg.batch_size
+
+    def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        for b in it.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker,
+                                       local_shuffle_seed=cfg.seed * 7919 + epoch):  # fmt: skip
+            yield b["image"], b["label"]
+
+    def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+        metrics = {**metrics, "stage": stage, "world_size": sess.world, "resumed_from": start,
+                   "samples_per_s": metrics["samples_per_s"] * sess.world}  # fmt: skip
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as d:
+            if sess.rank == 0:
+                _save_state(d, getattr(model, "module", model), opt, epoch, history)
+                with open(config["metrics_path"], "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            sess.report(metrics, d if sess.rank == 0 else None)
+        if config.get("_crash_after_epoch") == epoch and not restore:
+            raise RuntimeError(f"injected failure after epoch {epoch} (test hook)")
+
+    fit_stage(model, batches, tau=tau, epochs=epochs, cfg=cfg, device=sess.device,
+              seed=cfg.seed * 1009 + 17 * stage + sess.rank, start_epoch=start, optimizer=opt, scheduler=sched,
+              on_epoch_end=on_epoch_end, progress=config["progress"] and sess.rank == 0, desc=f"stage {stage}",
+              autocast_dtype=torch.bfloat16 if config["bf16"] and sess.device.type == "cuda" else None)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------- the job
+def _run_stage(stage: int, ds: Any, cfg: DVAEConfig, run_dir: Path, run_name: str, *, num_workers: int,
+               use_gpu: bool, cpus_per_worker: float | None, max_failures: int, bf16: bool, progress: bool,
+               extra: dict[str, Any]) -> tuple[DVAE, list[dict]]:  # fmt: skip
+    """Train one stage (or load it if a previous run finished it); return the model and its epoch history."""
+    stage_dir = run_dir / f"stage{stage}"
+    final = stage_dir / "final"
+    if not (final / "state.json").exists():
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        config = {"cfg": cfg.to_dict(), "stage": stage, "progress": progress, "bf16": bf16, "use_gpu": use_gpu,
+                  "metrics_path": str(run_dir / "metrics.jsonl"), "stage_dir": str(stage_dir), **extra}  # fmt: skip
+        if num_workers == 0:
+            _train_loop({**config, "local": True, "dataset": ds})
+            src = stage_dir / "local-checkpoint"
+        else:
+            src = _ray_train(config, ds, run_dir, f"{run_name}-stage{stage}", num_workers=num_workers,
+                             use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, max_failures=max_failures)  # fmt: skip
+        tmp = stage_dir / "final.tmp"
+        tmp.mkdir(exist_ok=True)
+        for f in ("model.safetensors", "state.json"):
+            (tmp / f).write_bytes(Path(src, f).read_bytes())
+        os.replace(tmp, final)
+    model = DVAE(cfg)
+    model.load_state_dict(load_file(str(final / "model.safetensors")))
+    return model, json.loads((final / "state.json").read_text())["history"]
+
+
+def _ray_train(config: dict, ds: Any, run_dir: Path, name: str, *, num_workers: int, use_gpu: bool,
+               cpus_per_worker: float | None, max_failures: int) -> str:  # fmt: skip
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cpus_per_worker if cpus_per_worker is not None else (1.0 if use_gpu else 0.5)}
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=name, storage_path=str(run_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=max_failures)),  # fmt: skip
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {name} finished without a checkpoint (error: {result.error})")
+    local = tempfile.mkdtemp(prefix="purify-fit-")
+    return result.checkpoint.to_directory(local)
+
+
+def _resolve(preset: str | DVAEConfig, urls: list[str], num_classes: int | None, class_names: Sequence[str] | None,
+             storage_options: Mapping[str, Any]) -> tuple[DVAEConfig, list[str] | None]:  # fmt: skip
+    """Config + class names. The class count comes from: num_classes / class_names, a DVAEConfig, the shards'
+    manifest.json "classes", else the largest label in the data + 1."""
+    cfg = preset if isinstance(preset, DVAEConfig) else DVAEConfig.preset(preset)
+    names = list(class_names) if class_names is not None else None
+    if names is None:
+        man = shards.read_manifest(urls[0].rsplit("/", 1)[0], storage_options=storage_options) or {}
+        if isinstance(man.get("classes"), list):
+            names = [str(c) for c in man["classes"]]
+    k = num_classes or (len(names) if names else None)
+    if k is None and not isinstance(preset, DVAEConfig):
+        k = 1 + max(shards.parse_label(s.get("cls"), shard=u, key=s["__key__"])
+                    for u in urls for s in shards.iter_samples(u, storage_options=storage_options))  # fmt: skip
+    if k is not None and k != cfg.num_classes:
+        cfg = DVAEConfig(**{**cfg.to_dict(), "num_classes": k})
+    if names is not None and len(names) != cfg.num_classes:
+        raise ValueError(f"{len(names)} class names for {cfg.num_classes} classes")
+    return cfg, names
+
+
+def fit_purifier(
+    train_shards: str | Sequence[str],
+    *,
+    preset: str | DVAEConfig = "cpu",
+    output: str,
+    num_workers: int = 1,
+    use_gpu: bool = False,
+    storage_path: str | None = None,
+    run_name: str | None = None,
+    resume: bool = True,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    cpus_per_worker: float | None = None,
+    max_failures: int = 1,
+    bf16: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    _crash_after_epoch: int | None = None,
+) -> str:
+    """Fit a two-stage D-VAE on `train_shards` and write a combined checkpoint to `output`; return its path.
+
+    preset: "cpu" | "paper" | "small" | "tiny" | a DVAEConfig. storage_path: where run state lives (default
+    `<output>.runs/`). run_name: default derived from the inputs and config, so re-running the same fit resumes;
+    resume=False starts a fresh run. cpus_per_worker: fractional CPUs leave room for Ray Data's read tasks
+    (0.5 by default on CPU; see RAY-NOTES). bf16: autocast on GPU.
+    """
+    import ray
+
+    so = dict(storage_options or {})
+    urls = shards.expand(train_shards, storage_options=so)
+    cfg, names = _resolve(preset, urls, num_classes, class_names, so)
+    ident = hashlib.sha256(json.dumps([urls, cfg.to_dict()], sort_keys=True).encode()).hexdigest()[:10]
+    run_name = run_name or f"fit-{ident}"
+    if not resume:
+        run_name = f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
+    run_dir = Path(storage_path or f"{str(output).rstrip('/')}.runs") / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init()
+    show = progress_enabled(progress)
+    common = dict(num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+                  max_failures=max_failures, bf16=bf16, progress=show, extra={"_crash_after_epoch": _crash_after_epoch})  # fmt: skip
+    t0 = time.perf_counter()
+    ds1 = training_dataset(urls, num_classes=cfg.num_classes, image_size=cfg.image_size, storage_options=so)
+    stage1, h1 = _run_stage(1, ds1, cfg, run_dir, run_name, **common)
+
+    # stage-1 purification of the training set through the PurifyStage path (resumable, shard by shard)
+    from .purify import purify_shards
+
+    s1_ckpt = str(run_dir / "stage1-checkpoint")
+    with torch.random.fork_rng():  # a deterministic placeholder stage 2 keeps the fingerprint stable on re-runs
+        torch.manual_seed(cfg.seed)
+        placeholder = DVAE(cfg)
+    Purifier(stage1, placeholder, class_names=names).save(s1_ckpt)
+    s1_out = str(run_dir / "stage1-shards")
+    purify_shards(urls, s1_out, s1_ckpt, prefix="stage1", stages=1, mode=cfg.stage1_mode, seed=cfg.seed,
+                  storage_options=so, show_progress=show)  # fmt: skip
+    s1_urls = shards.expand(f"{s1_out}/stage1-*.tar")
+    ds2 = training_dataset(s1_urls, num_classes=cfg.num_classes, image_size=cfg.image_size)
+    stage2, h2 = _run_stage(2, ds2, cfg, run_dir, run_name, **common)
+
+    digest = hashlib.sha256()
+    for u in urls:
+        digest.update(shards.sha256_file(u, storage_options=so).encode())
+    purifier = Purifier(stage1, stage2, class_names=names, metrics={"stage1": h1, "stage2": h2},
+                        data_fingerprint=digest.hexdigest())  # fmt: skip
+    purifier.save(str(output), **so)
+    summary = {"output": str(output), "run_dir": str(run_dir), "inputs": urls, "stage2_inputs": s1_urls,
+               "config": cfg.to_dict(), "num_workers": num_workers, "seconds": time.perf_counter() - t0,
+               "fingerprint": purifier.fingerprint,
+               "final": {"stage1": h1[-1] if h1 else None, "stage2": h2[-1] if h2 else None}}  # fmt: skip
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if show:
+        for s, h in (("stage 1", h1), ("stage 2", h2)):
+            if h:
+                m = h[-1]
+                print(f"{s}: {len(h)} epochs, loss {m['loss']:.4f} rec {m['rec']:.4f} rec_p {m['rec_p']:.4f} "
+                      f"KL {m['kl']:.2f} (tau {m['tau']}) energy {m['energy']:.4f}")  # fmt: skip
+        print(f"checkpoint {output} ({purifier.fingerprint[:12]}) in {summary['seconds']:.0f} s; run {run_dir}")
+    return str(output)

@@ -1,0 +1,309 @@
+"""`PurifyStage`: D-VAE purification as a Ray Data map stage; `PurifyBatch` is its stateful UDF.
+
+    stage = PurifyStage("ckpt_dir", batch_size=256, actors=2)
+    ds = stage(ray.data.read_webdataset(urls, decoder=None))       # or: ds.map_batches(PurifyBatch, ...)
+
+`PurifyBatch` loads the checkpoint once per actor (from a path or fsspec URL: constructor arguments travel
+pickled, so a model object never does), decodes and validates each row, purifies the good rows in one fused
+no-grad pass per model batch, and writes the result as lossless PNG bytes (or uint8 arrays). Keys and every
+other column pass through untouched. Image bytes (``decoder=None``) and already-decoded arrays are both
+accepted; grayscale and RGBA images are converted to RGB (gray replicated, alpha dropped).
+
+Noise in ``mode="sample"`` is drawn per sample from ``(seed, sample_id)``, with ``sample_id`` a blake2b-64
+hash of the row's ``__key__`` (of the image bytes when there is no key), so the output does not depend on
+how Ray batches, orders or retries rows, and equals ``Purifier.purify`` with the same ids and seed.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Mapping
+
+import numpy as np
+
+from .shards import IMAGE_EXTS, ShardError, decode_image, encode_png, find_image_column, parse_label, to_rgb
+
+__all__ = ["PurifyBatch", "PurifyConfig", "PurifyStage", "sample_ids_for_keys"]
+
+OnError = Literal["raise", "skip"]
+_RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+
+def sample_ids_for_keys(keys: Any) -> np.ndarray:
+    """Stable non-negative int64 per key: blake2b-64 of the UTF-8 key (bytes are hashed as they are)."""
+    out = np.empty(len(keys), dtype=np.int64)
+    for i, k in enumerate(keys):
+        b = k if isinstance(k, (bytes, bytearray)) else str(k).encode("utf-8")
+        out[i] = int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+    return out
+
+
+@dataclass(frozen=True)
+class PurifyConfig:
+    """What a purification does (shared by the stage, its UDF and the shard job).
+
+    checkpoint: directory or fsspec URL written by ``Purifier.save``.
+    image_column: None = the first of jpg/jpeg/png/webp/npy present. label_column: ASCII int bytes or int.
+    mode/seed: ``Purifier.purify``'s. on_error: "raise" (ShardError naming shard and key) or "skip".
+    quarantine_column: with "skip", None drops bad rows; a name keeps them, with the error message in that
+        column ("" for good rows) and an empty image; rows arriving with a message there are passed over.
+    resize: None = images must be the checkpoint's size; else a PIL filter name used to resize to it.
+    output_format: "png" = lossless PNG bytes in ``output_column`` (default "png"; the input image column is
+        dropped when named differently); "array" = uint8 HxWx3 arrays (default: the input image column).
+    model_batch_size: images per forward pass inside a Ray batch. threads: torch threads per actor.
+    stages: 2 = full purification; 1 = the stage-1 output x - p1 only (what the fit job trains stage 2 on).
+    """
+
+    checkpoint: str
+    image_column: str | None = None
+    label_column: str = "cls"
+    mode: Literal["sample", "mean"] = "sample"
+    seed: int = 0
+    on_error: OnError = "raise"
+    quarantine_column: str | None = None
+    resize: str | None = None
+    output_format: Literal["png", "array"] = "png"
+    output_column: str | None = None
+    png_compress_level: int = 1
+    model_batch_size: int = 256
+    device: str | None = None
+    threads: int | None = None
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    stages: int = 2
+
+    def __post_init__(self) -> None:
+        if self.stages not in (1, 2):
+            raise ValueError(f"stages must be 1 or 2, got {self.stages!r}")
+        if not isinstance(self.checkpoint, str):
+            raise TypeError(f"checkpoint must be a path or URL string, got {type(self.checkpoint).__name__}")
+        if self.mode not in ("sample", "mean"):
+            raise ValueError(f"mode must be 'sample' or 'mean', got {self.mode!r}")
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
+        if self.output_format not in ("png", "array"):
+            raise ValueError(f"output_format must be 'png' or 'array', got {self.output_format!r}")
+        if self.resize is not None and self.resize not in _RESAMPLE:
+            raise ValueError(f"resize must be None or one of {_RESAMPLE}, got {self.resize!r}")
+        if self.model_batch_size < 1:
+            raise ValueError(f"model_batch_size must be >= 1, got {self.model_batch_size}")
+
+
+def _detect_image_column(cols: list[str]) -> str | None:
+    """jpg/jpeg/png/webp/npy in that order of preference, then any ``*.png``-style column."""
+    for ext in IMAGE_EXTS:
+        if ext in cols:
+            return ext
+    return next((c for c in cols if c.rsplit(".", 1)[-1].lower() in IMAGE_EXTS), None)
+
+
+class PurifyBatch:
+    """Stateful Ray Data UDF: ``dict[str, np.ndarray]`` batch in, purified batch out (see module docstring).
+
+    Usable directly: ``ds.map_batches(PurifyBatch, fn_constructor_kwargs={"checkpoint": ...},
+    batch_size=256, batch_format="numpy", compute=ActorPoolStrategy(size=2), num_cpus=1)``.
+    """
+
+    def __init__(self, checkpoint: str | None = None, *, config: PurifyConfig | None = None, **kwargs: Any) -> None:
+        import torch
+
+        from .purifier import Purifier
+
+        if config is None:
+            if checkpoint is None:
+                raise TypeError("PurifyBatch needs a checkpoint path/URL or a PurifyConfig")
+            config = PurifyConfig(checkpoint=checkpoint, **kwargs)
+        elif checkpoint is not None or kwargs:
+            raise TypeError("pass either config= or checkpoint + options, not both")
+        self.cfg = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device)
+        self.purifier = Purifier.load(config.checkpoint, device=self.device, **dict(config.storage_options))
+        self.size = self.purifier.image_size
+        self.num_classes = self.purifier.num_classes
+
+    # ---- per-row decoding and validation ----
+    def _image(self, value: Any, col: str, shard: str | None, key: str | None) -> np.ndarray:
+        if value is None:
+            raise ShardError(f"missing image (.{col})", shard=shard, key=key)
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            img = decode_image(value, col, shard=shard, key=key)
+        elif isinstance(value, np.ndarray) and value.dtype == object and value.ndim == 0:
+            return self._image(value.item(), col, shard, key)
+        else:
+            img = to_rgb(np.asarray(value), shard=shard, key=key)
+        if img.shape[:2] != (self.size, self.size):
+            if self.cfg.resize is None:
+                raise ShardError(f"image is {img.shape[0]}x{img.shape[1]}, the checkpoint expects {self.size}x{self.size}"
+                                 " (pass resize= to resize)", shard=shard, key=key)  # fmt: skip
+            from PIL import Image
+
+            filt = getattr(Image.Resampling, self.cfg.resize.upper())
+            img = np.asarray(Image.fromarray(img).resize((self.size, self.size), filt), dtype=np.uint8)
+        return img
+
+    def _label(self, value: Any, shard: str | None, key: str | None) -> int:
+        lab = parse_label(value, shard=shard, key=key)
+        if not 0 <= lab < self.num_classes:
+            raise ShardError(f"label {lab} is outside the checkpoint's classes [0, {self.num_classes})", shard=shard, key=key)
+        return lab
+
+    # ---- the UDF ----
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        cols = [c for c in batch if not c.startswith("__")]
+        n = len(next(iter(batch.values()))) if batch else 0
+        if n == 0:
+            return batch
+        keys = batch.get("__key__")
+        urls = batch.get("__url__")
+        qcol = cfg.quarantine_column
+        errors: list[str] = [str(e) if e else "" for e in batch[qcol]] if qcol and qcol in batch else [""] * n
+        col = cfg.image_column or _detect_image_column(cols)
+        images, labels, good = [], [], []
+        for i in range(n):
+            if errors[i]:
+                continue
+            key = None if keys is None else str(keys[i])
+            shard = None if urls is None else str(urls[i])
+            try:
+                if col is None:
+                    find_image_column({c: None for c in cols}, shard=shard, key=key)  # raises, listing columns
+                if col not in batch:
+                    raise ShardError(f"no .{col} member", shard=shard, key=key)
+                img = self._image(batch[col][i], col, shard, key)
+                lab = self._label(batch[cfg.label_column][i] if cfg.label_column in batch else None, shard, key)
+            except ShardError as e:
+                if cfg.on_error == "raise":
+                    raise
+                errors[i] = str(e)
+                continue
+            images.append(img)
+            labels.append(lab)
+            good.append(i)
+        purified = self._purify(images, labels, [keys[i] for i in good] if keys is not None else None)
+        return self._assemble(batch, col or "", n, good, purified, errors)
+
+    def _purify(self, images: list[np.ndarray], labels: list[int], keys: list | None) -> np.ndarray:
+        if not images:
+            return np.empty((0, self.size, self.size, 3), np.uint8)
+        x = np.stack(images)
+        y = np.asarray(labels, dtype=np.int64)
+        ids = sample_ids_for_keys(keys if keys is not None else [im.tobytes() for im in images])
+        if self.device.type == "cpu":
+            return self.purifier.purify(x, y, mode=self.cfg.mode, seed=self.cfg.seed, sample_ids=ids,
+                                        batch_size=self.cfg.model_batch_size, stages=self.cfg.stages)  # fmt: skip
+        return self._purify_accelerator(x, y, ids)
+
+    def _purify_accelerator(self, x: np.ndarray, y: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """GPU path: uint8 batch moved once (pinned, non-blocking), converted on the device, the three forward
+        passes fused in one no-grad ``purify_torch`` call, uint8 copied back once."""
+        import torch
+
+        from .purifier import sample_noise
+
+        out = np.empty_like(x)
+        bs = self.cfg.model_batch_size
+        pin = self.device.type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return (t.pin_memory() if pin else t).to(self.device, non_blocking=pin)
+
+        with torch.inference_mode():
+            for s in range(0, len(x), bs):
+                xb = move(torch.from_numpy(x[s : s + bs]))
+                yb = move(torch.from_numpy(y[s : s + bs]))
+                xf = xb.permute(0, 3, 1, 2).float().div_(255.0)
+                eps = None
+                if self.cfg.mode == "sample":
+                    eps = sample_noise(self.cfg.seed, ids[s : s + bs], self.purifier.stage1.latent_shape, device=self.device)
+                xp = self.purifier.purify_torch(xf, yb, mode=self.cfg.mode, eps=eps, stages=self.cfg.stages)
+                out[s : s + bs] = torch.round(xp * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return out
+
+    def _assemble(self, batch: dict[str, np.ndarray], col: str, n: int, good: list[int], purified: np.ndarray,
+                  errors: list[str]) -> dict[str, np.ndarray]:  # fmt: skip
+        cfg = self.cfg
+        out_col = cfg.output_column or ("png" if cfg.output_format == "png" else col or "image")
+        keep = np.ones(n, dtype=bool)
+        if cfg.quarantine_column is None:
+            keep[[i for i in range(n) if errors[i]]] = False
+        rows = np.flatnonzero(keep)
+        pos = {i: j for j, i in enumerate(good)}
+        if cfg.output_format == "png":
+            values = np.empty(len(rows), dtype=object)
+            for j, i in enumerate(rows):
+                values[j] = encode_png(purified[pos[i]], compress_level=cfg.png_compress_level) if i in pos else b""
+        else:
+            values = np.zeros((len(rows), self.size, self.size, 3), np.uint8)
+            for j, i in enumerate(rows):
+                if i in pos:
+                    values[j] = purified[pos[i]]
+        result: dict[str, np.ndarray] = {}
+        for c, v in batch.items():
+            if c == col and out_col != col:
+                continue  # the input image is replaced by the purified one
+            result[c] = v if keep.all() else v[rows]
+        result[out_col] = values
+        if cfg.quarantine_column is not None:
+            result[cfg.quarantine_column] = np.asarray([errors[i] for i in rows], dtype=object)
+        return result
+
+
+class PurifyStage:
+    """Callable on a ``ray.data.Dataset``: ``ds = PurifyStage(ckpt, ...)(ds)`` adds one actor-pool map stage.
+
+    actors: pool size (int) or (min, max). num_cpus: CPUs reserved per actor; keep it below the CPUs of a node
+    so read/write tasks still get scheduled (a pool that takes every CPU hangs the pipeline, ray #44687).
+    num_gpus > 0 puts each actor on a GPU. Other keyword options are ``PurifyConfig`` fields. A crashed
+    actor is restarted and its batch retried (Ray Data's defaults for actor pools: max_restarts=-1,
+    max_task_retries=-1); outputs are a function of (seed, key), so a retry writes the same pixels.
+    """
+
+    udf_class: type = PurifyBatch  # subclass and override to customise the per-actor UDF
+
+    def __init__(self, checkpoint: str, *, image_column: str | None = None, label_column: str = "cls",
+                 batch_size: int = 256, actors: int | tuple[int, int] = 1, num_gpus: float = 0,
+                 num_cpus: float | None = None, mode: Literal["sample", "mean"] = "sample", seed: int = 0,
+                 on_error: OnError = "raise", **options: Any) -> None:  # fmt: skip
+        import os
+
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError("checkpoint must be a path or fsspec URL (the actors load it), not a model object")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if num_gpus > 0:
+            options.setdefault("device", "cuda")
+        else:
+            options.setdefault("device", "cpu")
+        options.setdefault("model_batch_size", batch_size)
+        self.config = PurifyConfig(checkpoint=os.fspath(checkpoint), image_column=image_column,
+                                   label_column=label_column, mode=mode, seed=seed, on_error=on_error, **options)  # fmt: skip
+        self.batch_size = batch_size
+        self.actors = actors
+        self.num_gpus = num_gpus
+        self.num_cpus = 1 if num_cpus is None else num_cpus
+
+    def map_batches_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments this stage passes to ``Dataset.map_batches``."""
+        from ray.data import ActorPoolStrategy
+
+        if isinstance(self.actors, tuple):
+            compute = ActorPoolStrategy(min_size=self.actors[0], max_size=self.actors[1])
+        else:
+            compute = ActorPoolStrategy(size=self.actors)
+        one_to_one = self.config.on_error == "raise" or self.config.quarantine_column is not None
+        kw: dict[str, Any] = dict(fn_constructor_kwargs={"config": self.config}, batch_size=self.batch_size,
+                                  batch_format="numpy", compute=compute, num_cpus=self.num_cpus,
+                                  udf_modifying_row_count=not one_to_one)  # fmt: skip
+        if self.num_gpus:
+            kw["num_gpus"] = self.num_gpus
+        return kw
+
+    def __call__(self, ds: Any) -> Any:
+        return ds.map_batches(self.udf_class, **self.map_batches_kwargs())
+
+    def __repr__(self) -> str:
+        opts = {k: v for k, v in asdict(self.config).items() if v not in (None, {}, "")}
+        return f"PurifyStage(batch_size={self.batch_size}, actors={self.actors}, num_gpus={self.num_gpus}, {opts})"
