@@ -1,0 +1,233 @@
+"""The accuracy matrix: train a classifier on poisoned / defended / D-VAE-purified data, test on clean data.
+
+    python benchmarks/matrix.py --tier cpu-mini                      # whole matrix, resumable, in the background
+    python benchmarks/matrix.py --tier cpu-mini --poisons lsp --seeds 0 1
+    python benchmarks/matrix.py --tier paper --poisons lsp --device cuda
+
+Tiers: `cpu-mini` trains on train-{000000..000009}.tar (10k images) with the fast CPU classifier and the `cpu`
+D-VAE preset; `paper` on all 50k with ResNet-18 and the `paper` presets; `smoke` (a few hundred images, tiny
+presets) checks the machinery. Every step is cached under --cache (poisoned sets, D-VAE checkpoints,
+purified shards, one JSON per cell), so an interrupted run picks up where it stopped. The D-VAE column goes
+through the product path: poisoned shards -> `fit_purifier` (Ray Train) -> `purify_shards` (Ray Data).
+Results: benchmarks/results/<tier>/ matrix.json, matrix.md, accuracy.png, grid-<poison>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import machine_facts  # noqa: E402
+
+from purify_pipeline import DVAEConfig, poisons, psnr, retention, shards  # noqa: E402
+from purify_pipeline.classifiers import ClassifierConfig  # noqa: E402
+from purify_pipeline.defenses import apply_defense  # noqa: E402
+from purify_pipeline.train_classifier import train_classifier  # noqa: E402
+
+TIERS: dict[str, dict[str, Any]] = {
+    "cpu-mini": {"train": "train-{000000..000009}.tar", "test": "test-{000000..000009}.tar", "limit": None,
+                 "classifier": "fast", "dvae": "cpu", "poisons": ["lsp", "ar", "ops", "em", "classwise", "tap"]},
+    "paper": {"train": "train-{000000..000049}.tar", "test": "test-{000000..000009}.tar", "limit": None,
+              "classifier": "paper", "dvae": "paper", "poisons": ["lsp", "em"]},
+    "smoke": {"train": "train-000000.tar", "test": "test-000000.tar", "limit": 512,
+              "classifier": "tiny", "dvae": "tiny", "poisons": ["lsp", "ops"]},
+}  # fmt: skip
+DEFENSES = {"none": ("none", {}), "jpeg10": ("jpeg", {"quality": 10}), "grayscale": ("grayscale", {}),
+            "bdr": ("bdr", {"bits": 2})}  # fmt: skip
+
+
+def _load(data: Path, pattern: str, limit: int | None) -> shards.ShardArrays:
+    a = shards.load_arrays(str(data / pattern), show_progress=False)
+    if limit:
+        a = shards.ShardArrays(a.images[:limit], a.labels[:limit], a.keys[:limit], a.urls[:limit])
+    return a
+
+
+def _poisoned(cache: Path, name: str, clean: shards.ShardArrays, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Poisoned training images and the exact added perturbation (cached)."""
+    f = cache / f"poisoned-{name}.npz"
+    if not f.exists():
+        t0 = time.perf_counter()
+        p = poisons.fit(name, clean.images, clean.labels, num_classes=10, seed=seed, sample_ids=clean.keys)
+        x = p.apply(clean.images, clean.labels, sample_ids=clean.keys)
+        np.savez(f.with_suffix(".tmp.npz"), images=x, seconds=time.perf_counter() - t0)
+        os.replace(f.with_suffix(".tmp.npz"), f)
+    z = np.load(f)
+    x = z["images"]
+    return x, (x.astype(np.float64) - clean.images) / 255.0
+
+
+def _dvae(cache: Path, name: str, poisoned: np.ndarray, clean: shards.ShardArrays, preset: str, args) -> np.ndarray:
+    """Poisoned shards -> fit_purifier (Ray Train) -> purify_shards (Ray Data) -> purified images (cached)."""
+    from purify_pipeline import fit_purifier, purify_shards
+
+    root = cache / f"dvae-{name}-{preset}"
+    src = root / "poisoned"
+    if not (src / "manifest.json").exists():
+        src.mkdir(parents=True, exist_ok=True)
+        per = 1000
+        for i in range(0, len(poisoned), per):
+            rows = [{"__key__": k, "png": shards.encode_png(img), "cls": str(int(y)).encode()}
+                    for k, img, y in zip(clean.keys[i : i + per], poisoned[i : i + per], clean.labels[i : i + per])]  # fmt: skip
+            shards.write_shard(str(src / shards.shard_name("train", i // per)), rows)
+        shards.write_manifest(str(src), {"classes": [str(c) for c in range(10)], "poison": name})
+    ckpt = root / "checkpoint"
+    t0 = time.perf_counter()
+    if not (ckpt / "config.json").exists():
+        fit_purifier(str(src / "train-*.tar"), preset=DVAEConfig.preset(preset), output=str(ckpt), num_workers=1,
+                     use_gpu=args.device.startswith("cuda"), storage_path=str(root / "runs"), run_name="fit",
+                     progress=not args.quiet)  # fmt: skip
+    purify_shards(str(src / "train-*.tar"), str(root / "purified"), str(ckpt), mode="sample", seed=0,
+                  num_gpus=1 if args.device.startswith("cuda") else 0, show_progress=not args.quiet)  # fmt: skip
+    out = shards.load_arrays(str(root / "purified" / "purified-*.tar"), show_progress=False)
+    assert out.keys == clean.keys, "purified shards lost or reordered samples"
+    (root / "seconds.json").write_text(json.dumps({"fit_and_purify_s": time.perf_counter() - t0}))
+    return out.images
+
+
+def run_cell(cache: Path, poison: str, defense: str, seed: int, train_x: np.ndarray, clean: shards.ShardArrays,
+             delta: np.ndarray | None, test: shards.ShardArrays, clf: ClassifierConfig, args) -> dict[str, Any]:  # fmt: skip
+    f = cache / "cells" / f"{poison}__{defense}__s{seed}.json"
+    if f.exists():
+        return json.loads(f.read_text())
+    t0 = time.perf_counter()
+    res = train_classifier(train_x, clean.labels, test.images, test.labels, clf, seed=seed, device=args.device,
+                           progress_bar=not args.quiet)  # fmt: skip
+    cell = {"poison": poison, "defense": defense, "seed": seed, "test_acc": 100.0 * res["test_acc"],
+            "train_seconds": time.perf_counter() - t0, "psnr_vs_clean": psnr(train_x, clean.images) if poison != "clean" else None,
+            "retention": retention(train_x, clean.images, delta) if delta is not None else None}  # fmt: skip
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(cell))
+    print(f"{poison:>9} {defense:>9} seed {seed}: {cell['test_acc']:.1f}%", flush=True)
+    return cell
+
+
+def _grid(path: Path, clean: np.ndarray, poisoned: np.ndarray, purified: dict[str, np.ndarray], n: int = 6) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("clean", clean[:n]), ("poisoned", poisoned[:n])] + [(k, v[:n]) for k, v in purified.items()]
+    rows += [(f"{k} - clean (x8, grey = 0)", np.clip(128 + 8 * (v[:n].astype(int) - clean[:n]), 0, 255).astype(np.uint8))
+             for k, v in {"poisoned": poisoned, **purified}.items()]  # fmt: skip
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.3 * len(rows)))
+    for r, (label, imgs) in enumerate(rows):
+        for c in range(n):
+            axes[r, c].imshow(imgs[c])
+            axes[r, c].axis("off")
+        axes[r, 0].set_title(label, fontsize=7, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(out: Path, cells: list[dict], facts: dict, tier: str, total_s: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["poison"], c["defense"]), []).append(c)
+    summary = []
+    for (p, d), cs in groups.items():
+        accs = [c["test_acc"] for c in cs]
+        ret = [c["retention"] for c in cs if c["retention"] is not None]
+        summary.append({"poison": p, "defense": d, "seeds": [c["seed"] for c in cs], "mean": statistics.mean(accs),
+                        "spread": (max(accs) - min(accs)) / 2 if len(accs) > 1 else None,
+                        "retention": ret[0] if ret else None, "psnr": cs[0]["psnr_vs_clean"]})  # fmt: skip
+    (out / "matrix.json").write_text(json.dumps({"tier": tier, "cells": cells, "summary": summary,
+                                                 "total_seconds": total_s, "machine": facts}, indent=1))  # fmt: skip
+    defs = [d for d in ["none", "dvae", "jpeg10", "grayscale", "bdr"] if any(s["defense"] == d for s in summary)]
+    pois = list(dict.fromkeys(s["poison"] for s in summary))
+    get = {(s["poison"], s["defense"]): s for s in summary}
+    fmt = lambda s: "—" if s is None else f"{s['mean']:.1f}" + (f" ± {s['spread']:.1f}" if s["spread"] is not None else "")  # noqa: E731
+    lines = [f"# Accuracy matrix, tier `{tier}` (clean test accuracy %, mean ± half-range over seeds)", "",
+             f"Command: `{facts['command']}`  ", f"Machine: {facts['cpu_count']} CPUs, torch {facts['torch']}, "
+             f"ray {facts['ray']}, device {facts['device']}; total time of this invocation {total_s / 60:.1f} min "
+             f"(cached cells are not re-run).", "",
+             "| poison | " + " | ".join(defs) + " |", "|---|" + "---|" * len(defs)]  # fmt: skip
+    for p in pois:
+        lines.append(f"| {p} | " + " | ".join(fmt(get.get((p, d))) for d in defs) + " |")
+    lines += ["", "Poison retention r of the training images (1 = perturbation intact) / PSNR vs clean (dB):", "",
+              "| poison | " + " | ".join(defs) + " |", "|---|" + "---|" * len(defs)]  # fmt: skip
+    for p in pois:
+        if p == "clean":
+            continue
+        lines.append(f"| {p} | " + " | ".join(
+            "—" if (s := get.get((p, d))) is None or s["retention"] is None else f"{s['retention']:.2f} / {s['psnr']:.1f}"
+            for d in defs) + " |")  # fmt: skip
+    (out / "matrix.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(pois), 3.4))
+    w = 0.8 / max(len(defs), 1)
+    for j, d in enumerate(defs):
+        ys = [get[(p, d)]["mean"] if (p, d) in get else 0 for p in pois]
+        ax.bar(np.arange(len(pois)) + j * w, ys, w, label=d)
+    ax.set_xticks(np.arange(len(pois)) + w * (len(defs) - 1) / 2, pois)
+    ax.set_ylabel("clean test accuracy (%)")
+    ax.legend(fontsize=7, ncol=len(defs))
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tier", choices=sorted(TIERS), default="cpu-mini")
+    ap.add_argument("--data", default=os.environ.get("PURIFY_PIPELINE_DATA", str(REPO.parent / "shared" / "data" / "cifar10")))
+    ap.add_argument("--poisons", nargs="+")
+    ap.add_argument("--defenses", nargs="+", default=["none", "dvae", "jpeg10", "grayscale", "bdr"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--extra-seed-defenses", nargs="+", default=["none", "dvae"],
+                    help="defenses run with every seed; the others with the first seed only")
+    ap.add_argument("--dvae-preset")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cache", default=None)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    tier = TIERS[args.tier]
+    cache = Path(args.cache or REPO / "benchmarks" / "cache" / args.tier)
+    out = Path(args.out or REPO / "benchmarks" / "results" / args.tier)
+    cache.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(args.data)
+    t0 = time.perf_counter()
+    clean = _load(data, tier["train"], tier["limit"])
+    test = _load(data, tier["test"], tier["limit"])
+    clf = ClassifierConfig.preset(tier["classifier"])
+    preset = args.dvae_preset or tier["dvae"]
+    cells = [run_cell(cache, "clean", "none", s, clean.images, clean, None, test, clf, args) for s in args.seeds]
+    for name in args.poisons or tier["poisons"]:
+        poisoned, delta = _poisoned(cache, name, clean)
+        purified: dict[str, np.ndarray] = {}
+        for d in args.defenses:
+            if d == "dvae":
+                x = _dvae(cache, name, poisoned, clean, preset, args)
+            else:
+                x = apply_defense(DEFENSES[d][0], poisoned, **DEFENSES[d][1])
+            if d != "none":
+                purified[d] = x
+            seeds = args.seeds if d in args.extra_seed_defenses else args.seeds[:1]
+            cells += [run_cell(cache, name, d, s, x, clean, delta, test, clf, args) for s in seeds]
+        _grid(out / f"grid-{name}.png", clean.images, poisoned, purified)
+        report(out, cells, machine_facts(args.device), args.tier, time.perf_counter() - t0)
+    report(out, cells, machine_facts(args.device), args.tier, time.perf_counter() - t0)
+    print((out / "matrix.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

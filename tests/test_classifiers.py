@@ -1,0 +1,186 @@
+"""Evaluation classifiers: the paper ResNet-18, presets, batch augmentation, the training loop, Ray Train."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from purify_pipeline.augment import random_crop_flip, to_float_nchw
+from purify_pipeline.classifiers import (
+    ClassifierConfig,
+    FastNet,
+    ResNet18,
+    build_classifier,
+    num_parameters,
+    whitening_filters,
+)
+from purify_pipeline.train_classifier import lr_factor, train_classifier, train_classifier_ray
+
+
+def _easy_data(n: int, rng: np.random.Generator, num_classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable toy set: each class is a different colour plus noise."""
+    y = rng.integers(0, num_classes, n)
+    palette = np.array([[220, 40, 40], [40, 220, 40], [40, 40, 220], [220, 220, 40]])
+    x = palette[y][:, None, None, :] + rng.normal(0, 40, (n, 16, 16, 3))
+    return np.clip(x, 0, 255).astype(np.uint8), y
+
+
+def test_paper_preset_is_the_protocol() -> None:
+    cfg = ClassifierConfig.preset("paper")
+    assert (cfg.arch, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.epochs, cfg.batch_size) == (
+        "resnet18", 0.1, 0.9, 5e-4, 60, 128)
+    assert (cfg.schedule, cfg.crop_padding, cfg.flip, cfg.label_smoothing, cfg.nesterov) == (
+        "cosine", 4, True, 0.0, False)
+    model = build_classifier(cfg)
+    assert isinstance(model, ResNet18)
+    assert num_parameters(model) == 11_173_962  # the CIFAR ResNet-18 of the UE literature, 10 classes
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    # cosine from 0.1 to 0 over all steps
+    assert lr_factor(cfg, 0, 100, 10) == 1.0 and lr_factor(cfg, 50, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(cfg, 100, 100, 10) == pytest.approx(0.0)
+
+
+def test_presets_and_config_round_trip() -> None:
+    fast = ClassifierConfig.preset("fast", num_classes=100)
+    assert fast.arch == "fastnet" and fast.num_classes == 100
+    assert ClassifierConfig.from_dict(json.loads(json.dumps(fast.to_dict()))) == fast
+    model = build_classifier(fast)
+    assert isinstance(model, FastNet) and model(torch.rand(3, 3, 32, 32)).shape == (3, 100)
+    with pytest.raises(ValueError, match="unknown classifier preset"):
+        ClassifierConfig.preset("huge")
+    with pytest.raises(ValueError, match="unknown ClassifierConfig fields"):
+        ClassifierConfig.preset("fast", widht=3)
+    with pytest.raises(ValueError, match="arch"):
+        ClassifierConfig(arch="vit")
+    # linear schedule: warmup then decay to 0
+    assert lr_factor(fast, 0, 100, 10) == pytest.approx(1 / (fast.warmup_epochs * 10))
+    assert lr_factor(fast, 99, 100, 10) < 0.05
+
+
+def test_random_crop_flip_is_seeded_and_a_real_crop() -> None:
+    x = torch.rand(16, 3, 8, 8)
+    a = random_crop_flip(x, 2, True, torch.Generator().manual_seed(0))
+    b = random_crop_flip(x, 2, True, torch.Generator().manual_seed(0))
+    c = random_crop_flip(x, 2, True, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == x.shape
+    # every output is some 8x8 window of the zero-padded image, possibly mirrored
+    xp = F.pad(x, (2, 2, 2, 2))
+    for i in range(len(x)):
+        windows = [xp[i, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
+        windows += [w.flip(2) for w in windows]
+        assert any(torch.equal(a[i], w) for w in windows)
+    # only flips: each image is itself or its mirror, and both happen
+    f = random_crop_flip(x, 0, True, torch.Generator().manual_seed(0))
+    same = [torch.equal(f[i], x[i]) for i in range(16)]
+    assert all(s or torch.equal(f[i], x[i].flip(2)) for i, s in enumerate(same)) and 0 < sum(same) < 16
+    u8 = torch.randint(0, 256, (2, 4, 4, 3), dtype=torch.uint8)
+    assert torch.equal(to_float_nchw(u8), u8.permute(0, 3, 1, 2).float() / 255)
+    with pytest.raises(ValueError, match="uint8"):
+        to_float_nchw(torch.zeros(2, 4, 4, 3))
+
+
+def test_training_loop_learns_and_is_deterministic(rng: np.random.Generator) -> None:
+    xtr, ytr = _easy_data(256, rng)
+    xte, yte = _easy_data(128, rng)
+    cfg = ClassifierConfig.preset("tiny", num_classes=4, epochs=2, batch_size=32)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    r1 = train_classifier(xtr, ytr, xte, yte, cfg, seed=0)
+    assert torch.equal(torch.rand(1), before)  # the caller's global RNG is left alone
+    h = r1["history"]
+    assert [m["epoch"] for m in h] == [0, 1]
+    assert h[1]["train_loss"] < h[0]["train_loss"]
+    assert r1["test_acc"] > 0.5  # chance is 0.25
+    assert {"test_acc", "test_loss", "history", "num_parameters", "config", "model"} <= set(r1)
+
+    r2 = train_classifier(xtr, ytr, xte, yte, cfg, seed=0)
+    assert [m["train_loss"] for m in r2["history"]] == [m["train_loss"] for m in h]
+    for p, q in zip(r1["model"].parameters(), r2["model"].parameters()):
+        assert torch.equal(p, q)
+    r3 = train_classifier(xtr, ytr, xte, yte, cfg, seed=1)
+    assert r3["history"][0]["train_loss"] != h[0]["train_loss"]
+
+
+def test_training_loop_on_cifar_subset(cifar10_dir: Path) -> None:
+    """One epoch of the tiny net on 256 real CIFAR-10 images: runs end to end, loss falls within the epoch."""
+    from purify_pipeline import shards
+
+    arr = shards.load_arrays(str(cifar10_dir / "train-000000.tar"), show_progress=False)
+    x, y = arr.images[:256], arr.labels[:256]
+    losses: list[float] = []
+    cfg = ClassifierConfig.preset("tiny", epochs=3, batch_size=64)
+    out = train_classifier(x, y, arr.images[256:384], arr.labels[256:384], cfg, seed=0,
+                           on_epoch_end=lambda e, m, _: losses.append(m["train_loss"]))
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert 0.0 <= out["test_acc"] <= 1.0 and np.isfinite(out["test_loss"])
+
+
+def test_whitening_stem(rng: np.random.Generator) -> None:
+    x = torch.rand(64, 3, 16, 16) ** 2
+    w = whitening_filters(x).double().reshape(12, 12)
+    patches = x.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()
+    z = patches @ w.T
+    cov = z.T @ z / len(z)
+    assert torch.allclose(cov.diag()[:6], torch.ones(6, dtype=torch.float64), atol=0.02)  # unit variance...
+    assert (cov - torch.diag(cov.diag())).abs().max() < 0.02  # ...and decorrelated
+    cfg = ClassifierConfig.preset("tiny", num_classes=4, whiten=True)
+    model = build_classifier(cfg)
+    with pytest.raises(ValueError, match="whiten"):
+        build_classifier(ClassifierConfig.preset("tiny")).set_whitening(x)
+    xtr, ytr = _easy_data(64, rng)
+    r1 = train_classifier(xtr, ytr, xtr, ytr, cfg, seed=0)
+    r2 = train_classifier(xtr, ytr, xtr, ytr, cfg, seed=0)
+    assert torch.equal(r1["model"].stem.weight, r2["model"].stem.weight)
+    assert not torch.equal(r1["model"].stem.weight, model.stem.weight)  # set from data, then frozen
+    assert r1["history"] == [{**m, "epoch_seconds": r1["history"][i]["epoch_seconds"]}
+                             for i, m in enumerate(r2["history"])]
+
+
+def test_bad_inputs_are_clear_errors(rng: np.random.Generator) -> None:
+    x, y = _easy_data(8, rng)
+    cfg = ClassifierConfig.preset("tiny", num_classes=4)
+    with pytest.raises(ValueError, match="train_images: expected a uint8"):
+        train_classifier(x.astype(np.float32), y, x, y, cfg)
+    with pytest.raises(ValueError, match="test_labels: expected shape"):
+        train_classifier(x, y, x, y[:3], cfg)
+    with pytest.raises(ValueError, match=r"values must lie in \[0, 4\)"):
+        train_classifier(x, y + 4, x, y, cfg)
+
+
+@pytest.mark.slow  # ~20-30 s on 2 idle cores (Ray Train worker start-up + DDP); part of the must-show
+def test_ray_train_classifier_job(ray_session, tmp_path: Path, rng: np.random.Generator) -> None:
+    """The Ray Train job: 2 DDP workers with 0.5 CPU each, fed PNG shards through ray.data.read_webdataset."""
+    import ray.data
+
+    from purify_pipeline import shards
+
+    def write(split: str, n: int) -> list[str]:
+        x, y = _easy_data(n, rng)
+        urls = []
+        for s in range(2):
+            rows = [{"__key__": f"{split}_{i:05d}", "png": shards.encode_png(x[i]), "cls": str(int(y[i]))}
+                    for i in range(s, n, 2)]
+            urls.append(shards.write_shard(str(tmp_path / "data" / shards.shard_name(split, s)), rows).url)
+        return urls
+
+    train_ds = ray.data.read_webdataset(write("train", 320))
+    test_ds = ray.data.read_webdataset(write("test", 100))
+    cfg = ClassifierConfig.preset("tiny", num_classes=4, epochs=2, batch_size=16, whiten=True)
+    out = train_classifier_ray(train_ds, test_ds, cfg, seed=0, num_workers=2, resources_per_worker={"CPU": 0.5},
+                               image_column="png", label_column="cls", storage_path=str(tmp_path / "runs"))
+    assert out["world_size"] == 2
+    assert [m["epoch"] for m in out["history"]] == [0, 1]
+    assert out["history"][0]["train_samples"] == 320  # both workers' shards together: every image once
+    assert out["test_samples"] == 100
+    assert out["history"][1]["train_loss"] < out["history"][0]["train_loss"]
+    assert out["test_acc"] > 0.5
+    ckpt = Path(out["checkpoint_path"])
+    assert (ckpt / "model.safetensors").exists() and (ckpt / "metrics.json").exists()
+
+    with pytest.raises(ValueError, match="lacks column"):
+        train_classifier_ray(train_ds, None, cfg, image_column="jpg", label_column="cls")
