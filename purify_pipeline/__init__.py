@@ -11,7 +11,7 @@ The data flow, one module each:
     purify      shards in -> purified shards out (Ray Data)   purify_shards(inputs, output, ckpt)
     defenses / classifiers / loader / train_classifier        baselines and the evaluation side
 """
-from . import shards
+from . import poisons, shards
 from .checkpoint import CheckpointError
 from .config import DVAEConfig
 from .fit import fit_purifier
@@ -28,5 +28,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "DVAE", "DVAEConfig", "Purifier", "PurifyBatch", "PurifyConfig", "PurifyStage",
     "PurifySummary", "ShardError", "fit_purifier", "fit_stage", "fit_two_stage", "psnr", "purify_shards",
-    "retention", "shards",
+    "poisons", "retention", "shards",
 ]  # fmt: skip
