@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .models.dvae import BasicBlock
+
 _PRESETS: dict[str, dict[str, Any]] = {
     # The evaluation protocol of Yu et al. (and ISS, UEraser, ...): the defaults of the dataclass.
     "paper": {},
@@ -117,23 +119,7 @@ class ClassifierConfig:
 
 
 # ---------------------------------------------------------------- CIFAR ResNet-18 (the paper's evaluator)
-class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN) shortcut."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+# BasicBlock: the same CIFAR ResNet block the D-VAE encoder uses (models/dvae.py).
 
 
 class ResNet18(nn.Module):
