@@ -177,7 +177,7 @@ def main() -> None:
         f" achieved fraction: purify_shards {fpi * ray_ips / peak:.3f}, plain {fpi * plain_ips / peak:.3f}",
         f"- machine: {ncpu} CPUs, {args.device}{' ' + str(result['machine']['gpu']) if gpu else ''}, torch {torch.__version__},"
         f" ray {ray.__version__}; load average before {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f},"
-        f" after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} (other jobs shared the CPU)",
+        f" after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} (includes this benchmark's own processes)",
     ]  # fmt: skip
     (out / f"{tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

@@ -11,17 +11,48 @@ The data flow, one module each:
     purify      shards in -> purified shards out (Ray Data)   purify_shards(inputs, output, ckpt)
     defenses / classifiers / loader / train_classifier        baselines and the evaluation side
 """
-from . import poisons, shards
-from .checkpoint import CheckpointError
-from .config import DVAEConfig
-from .fit import fit_purifier
-from .metrics import psnr, retention
-from .models import DVAE
-from .purifier import Purifier, fit_two_stage
-from .purify import PurifySummary, purify_shards
-from .shards import ShardError
-from .stage import PurifyBatch, PurifyConfig, PurifyStage
-from .train import fit_stage
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Names are imported on first use (PEP 562), so `import purify_pipeline` and `purify-pipeline --help`
+# don't pay for torch and Ray; `from purify_pipeline import PurifyStage` works as usual.
+_EXPORTS = {
+    "CheckpointError": "checkpoint", "DVAEConfig": "config", "fit_purifier": "fit", "psnr": "metrics",
+    "retention": "metrics", "DVAE": "models", "Purifier": "purifier", "fit_two_stage": "purifier",
+    "PurifySummary": "purify", "purify_shards": "purify", "ShardError": "shards", "PurifyBatch": "stage",
+    "PurifyConfig": "stage", "PurifyStage": "stage", "fit_stage": "train",
+}  # fmt: skip
+_SUBMODULES = ("poisons", "shards")
+
+if TYPE_CHECKING:
+    from . import poisons, shards
+    from .checkpoint import CheckpointError
+    from .config import DVAEConfig
+    from .fit import fit_purifier
+    from .metrics import psnr, retention
+    from .models import DVAE
+    from .purifier import Purifier, fit_two_stage
+    from .purify import PurifySummary, purify_shards
+    from .shards import ShardError
+    from .stage import PurifyBatch, PurifyConfig, PurifyStage
+    from .train import fit_stage
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.1.0"
 

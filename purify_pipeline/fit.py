@@ -138,6 +138,7 @@ class _RaySession:
 
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.local_world = ctx.get_local_world_size()
         self.device = ray.train.torch.get_device()
         self._ckpt = ray.train.get_checkpoint()
         self._restore: Any = None
@@ -168,6 +169,10 @@ def _train_loop(config: dict[str, Any]) -> None:
     """One worker of one stage: build the model, resume if a checkpoint exists, run `fit_stage`."""
     sess = _LocalSession(config) if config.get("local") else _RaySession()
     cfg, stage = DVAEConfig.from_dict(config["cfg"]), config["stage"]
+    if sess.device.type == "cpu" and not config.get("local"):
+        # Ray sets OMP_NUM_THREADS=1 for a worker holding <= 1 logical CPU (fractional on purpose, see RAY-NOTES),
+        # which leaves the other cores idle: split the node's cores among the workers on it instead.
+        torch.set_num_threads(config.get("threads") or max(1, (os.cpu_count() or 1) // sess.local_world))
     epochs, tau = cfg.epochs_for(stage), cfg.tau(stage)
     torch.manual_seed(cfg.seed + 1000 * stage)  # identical initial weights on every rank
     model = DVAE(cfg)
@@ -187,7 +192,7 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
         metrics = {**metrics, "stage": stage, "world_size": sess.world, "resumed_from": start,
-                   "samples_per_s": metrics["samples_per_s"] * sess.world}  # fmt: skip
+                   "samples_per_s": metrics["samples_per_s"] * sess.world, "torch_threads": torch.get_num_threads()}  # fmt: skip
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
             if sess.rank == 0:
@@ -287,6 +292,7 @@ def fit_purifier(
     num_classes: int | None = None,
     class_names: Sequence[str] | None = None,
     cpus_per_worker: float | None = None,
+    threads_per_worker: int | None = None,
     max_failures: int = 1,
     bf16: bool = False,
     storage_options: Mapping[str, Any] | None = None,
@@ -298,7 +304,8 @@ def fit_purifier(
     preset: "cpu" | "paper" | "small" | "tiny" | a DVAEConfig. storage_path: where run state lives (default
     `<output>.runs/`). run_name: default derived from the inputs and config, so re-running the same fit resumes;
     resume=False starts a fresh run. cpus_per_worker: fractional CPUs leave room for Ray Data's read tasks
-    (0.5 by default on CPU; see RAY-NOTES). bf16: autocast on GPU.
+    (0.5 by default on CPU; see RAY-NOTES). threads_per_worker: torch threads of a CPU worker (default: the
+    node's cores split among its workers). bf16: autocast on GPU.
     """
     import ray
 
@@ -315,7 +322,8 @@ def fit_purifier(
         ray.init()
     show = progress_enabled(progress)
     common = dict(num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
-                  max_failures=max_failures, bf16=bf16, progress=show, extra={"_crash_after_epoch": _crash_after_epoch})  # fmt: skip
+                  max_failures=max_failures, bf16=bf16, progress=show, extra={"_crash_after_epoch": _crash_after_epoch,
+                                                                          "threads": threads_per_worker})  # fmt: skip
     t0 = time.perf_counter()
     ds1 = training_dataset(urls, num_classes=cfg.num_classes, image_size=cfg.image_size, storage_options=so)
     stage1, h1 = _run_stage(1, ds1, cfg, run_dir, run_name, **common)

@@ -116,6 +116,18 @@ def test_help_of_every_subcommand():
     assert top.returncode == 0
 
 
+def test_import_and_help_do_not_load_torch_or_ray():
+    """The package imports lazily, so `--help` and `import purify_pipeline` stay fast (no torch, no Ray)."""
+    code = ("import sys, purify_pipeline, purify_pipeline.cli as c\n"
+            "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('heavy:', sorted(m for m in ('torch', 'ray') if m in sys.modules))\n"
+            "from purify_pipeline import PurifyStage, poisons\n"
+            "print('loaded:', PurifyStage.__name__, 'torch' in sys.modules)")  # fmt: skip
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "heavy: []" in p.stdout and "loaded: PurifyStage True" in p.stdout, p.stdout
+
+
 def test_version_bench_and_no_command():
     version, none, bench, no_bench = run_many(("--version",), (), ("bench",), ("bench", "no_such_bench"))
     assert version.returncode == 0 and "purify-pipeline" in version.stdout

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,8 @@ def test_two_worker_fit_gives_a_checkpoint_purify_shards_uses(small_shards, tmp_
     pur = Purifier.load(out)
     assert pur.num_classes == 10 and pur.class_names[0] == "airplane"
     assert [h["world_size"] for h in pur.metrics["stage1"]] == [2]
+    # Ray gives a fractional-CPU worker OMP_NUM_THREADS=1; the fit splits the node's cores among its workers
+    assert pur.metrics["stage1"][0]["torch_threads"] == max(1, (os.cpu_count() or 1) // 2)
     summary = purify_shards(small_shards, str(tmp_path / "purified"), out, show_progress=False)
     assert summary.samples_out == 384 and summary.quarantined == 0
 
@@ -61,6 +64,7 @@ def test_two_worker_fit_gives_a_checkpoint_purify_shards_uses(small_shards, tmp_
     # one worker, same seed: a similar loss (DDP averages gradients over the same global batch)
     out1 = fit_purifier(small_shards, preset=_cfg(), output=str(tmp_path / "ckpt1"), num_workers=1,
                         storage_path=str(tmp_path / "runs"), run_name="one", progress=False)  # fmt: skip
+    assert Purifier.load(out1).metrics["stage1"][0]["torch_threads"] == (os.cpu_count() or 1)
     l1 = Purifier.load(out1).metrics["stage1"][-1]["loss"]
     l2 = pur.metrics["stage1"][-1]["loss"]
     assert abs(l1 - l2) / l1 < 0.25, (l1, l2)

@@ -37,6 +37,7 @@ def test_job_writes_poisoned_png_shards_and_manifest(ray_session, small_shards, 
     assert shards.read_manifest(str(out)) == manifest
     assert manifest["poison"] == name and manifest["seed"] == 0 and manifest["num_classes"] == 10
     assert manifest["counts"]["samples"] == 120 and manifest["counts"]["shards"] == 2
+    assert manifest["classes"] == [str(c) for c in range(10)]  # no input manifest: the label indices
     assert sum(manifest["counts"]["per_class"]) == 120
     if name == "lsp":
         assert manifest["budget"]["l2"] == pytest.approx(np.sqrt(3072) * 6 / 255)
@@ -74,6 +75,7 @@ def test_job_reads_num_classes_from_the_input_manifest(ray_session, small_shards
     ins = _write_small_shards_copy(small_shards, tmp_path / "in")
     m = poisons.poison_shards(ins, str(tmp_path / "out"), "classwise", seed=0, prefix="cw", progress=False)
     assert m["num_classes"] == 10
+    assert m["classes"] == [f"c{i}" for i in range(10)]  # the input's class names are carried over
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["cw-000000.tar", "cw-000001.tar"]
     with pytest.raises(ValueError, match="num_classes is needed"):
         poisons.poison_shards(small_shards, str(tmp_path / "x"), "lsp", seed=0, progress=False)

@@ -194,6 +194,26 @@ def test_ar_filters_are_causal_and_match_the_reference_loop(small):
 
 
 # ----------------------------------------------------------------------------- other sizes / classes
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAST)
+def test_224_pixel_images(small, name):
+    """ImageNet-size images (the D-VAE supports 224 px): budgets scale with the image area."""
+    x, y, keys = small
+    idx = [int(np.flatnonzero(y == c)[0]) for c in range(10)]  # one real image per class (OPS fits per class)
+    imgs = np.repeat(np.repeat(x[idx], 7, axis=1), 7, axis=2)  # upsampled to 224 px
+    out = poisons.generate(name, imgs, y[idx], num_classes=10, seed=0, sample_ids=[keys[i] for i in idx])
+    assert out.shape == imgs.shape and out.dtype == np.uint8
+    d = diff(out, imgs)
+    if name in ("random", "classwise"):
+        assert np.abs(d).max() == 8
+    elif name == "ops":
+        assert ((np.abs(d).sum(-1) > 0).sum(axis=(1, 2)) == 1).all()
+    else:
+        l2 = default_l2(224, 224) if name == "lsp" else 7.0  # AR: 1.0 * sqrt(H*W/1024)
+        norms = np.sqrt(((d / 255.0) ** 2).sum(axis=(1, 2, 3)))
+        assert norms.max() <= l2 + 1e-9 and np.median(norms) > 0.9 * l2
+
+
 @pytest.mark.parametrize("size,num_classes", [(64, 10), (32, 100)])
 @pytest.mark.parametrize("name", FAST)
 def test_other_image_sizes_and_100_classes(small, name, size, num_classes):
@@ -358,17 +378,18 @@ def test_shortcut_is_learned_far_faster_than_clean(cifar, clean_curve, name):
 
 
 @pytest.mark.slow
-def test_em_shortcut_with_test_sized_knobs(cifar, clean_curve):
-    """EM with a width-8 surrogate and 5 PGD steps (to fit in a test) is a weaker shortcut than the paper's:
-    measured 52/70/85/91/93/94% vs clean 47/61/70/71/76/81% per epoch. Asserted: >= 90% within the epochs
-    and at least 10 points above clean from the third epoch on."""
-    kw = dict(width=8, pgd_steps=5, step_size=3.2 / 255, stop_error=0.02, max_rounds=15)
+def test_em_shortcut_with_the_cpu_knobs(cifar, clean_curve):
+    """EM with its CPU defaults (width-16 surrogate, 10 PGD steps of 1.6/255, stop at 1% surrogate error).
+    Measured: 61/94/98/95/99.7/99.9% per epoch vs clean 47/61/70/71/76/81%. (A width-8 surrogate with 5 PGD
+    steps stalls at ~95%: the weaker the surrogate fit, the weaker the shortcut.)"""
+    kw = dict(width=16, pgd_steps=10, step_size=1.6 / 255, stop_error=0.01, max_rounds=20)
     p = poisons.fit("em", cifar.images, cifar.labels, num_classes=10, seed=0, sample_ids=cifar.keys,
                     progress=False, **kw)
     assert p.converged, p.history
     curve = train_accuracy_curve(p.apply(cifar.images, cifar.labels, sample_ids=cifar.keys), cifar.labels, EPOCHS)
-    assert max(curve) >= 0.90, f"em: {curve} vs clean {clean_curve}"
-    assert all(c > k + 0.10 for c, k in zip(curve[2:], clean_curve[2:])), f"em: {curve} vs clean {clean_curve}"
+    hit = next((e for e, a in enumerate(curve) if a >= 0.95), None)
+    assert hit is not None, f"em: training accuracy {curve} never reached 95% in {EPOCHS} epochs"
+    assert clean_curve[hit] < curve[hit] - 0.15, f"em: {curve} vs clean {clean_curve}"
 
 
 @pytest.mark.slow

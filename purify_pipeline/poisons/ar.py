@@ -14,6 +14,10 @@ Class processes are chosen by a seeded search (`select_processes`): random causa
 signals at the real image size do not explode into a corner (most random AR processes do), then, among
 those, K whose AR *filters* (taps with -1 at the current pixel: exactly 0 on their own process) respond
 as strongly as possible to each other's signals - the original paper's criterion of separable processes.
+(METHOD.md words it as filters that "respond weakly to each other"; the reference search,
+`autoregressive_param_finder.py --required_nm_response=10`, keeps coefficient sets whose *non-matching*
+responses exceed a threshold, i.e. strong cross-responses, and a filter's response to its own class is 0
+either way. We follow the reference: it is what makes the classes' perturbations separable.)
 """
 from __future__ import annotations
 

@@ -114,15 +114,24 @@ class PoisonShardWriter:
         return {"index": np.array([r["index"] for r in rows]), "entry": np.array([r["entry"] for r in rows])}
 
 
-def _num_classes_from_inputs(urls: Sequence[str], storage_options: Mapping[str, Any] | None) -> int | None:
-    """`classes` / `class_names` / `num_classes` of a manifest.json beside the input shards, if any."""
+def _input_manifest(urls: Sequence[str], storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
     base = urls[0].rsplit("/", 1)[0] if "/" in urls[0] else "."
-    m = shards.read_manifest(base, storage_options=storage_options)
-    if not m:
-        return None
+    return shards.read_manifest(base, storage_options=storage_options) or {}
+
+
+def _class_names(m: Mapping[str, Any]) -> list[str] | None:
     for k in ("classes", "class_names"):
         if isinstance(m.get(k), list):
-            return len(m[k])
+            return [str(c) for c in m[k]]
+    return None
+
+
+def _num_classes_from_inputs(urls: Sequence[str], storage_options: Mapping[str, Any] | None) -> int | None:
+    """`classes` / `class_names` / `num_classes` of a manifest.json beside the input shards, if any."""
+    m = _input_manifest(urls, storage_options)
+    names = _class_names(m)
+    if names is not None:
+        return len(names)
     return int(m["num_classes"]) if isinstance(m.get("num_classes"), int) else None
 
 
@@ -201,6 +210,9 @@ def poison_shards(
         "created_by": "purify_pipeline.poisons.job.poison_shards",
         "image_member": "png",
         "label_member": label_column,
+        # the class list travels with the shards so that `fit`/`purify` downstream know the label space
+        "classes": (names if (names := _class_names(_input_manifest(urls, storage_options))) is not None
+                    and len(names) == poison.num_classes else [str(c) for c in range(poison.num_classes)]),
         "inputs": urls,
         "counts": {"samples": int(sum(e["count"] for e in entries)), "shards": len(entries),
                    "per_class": per_class},
