@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_facts  # noqa: E402
+from _plots import save_image_grid  # noqa: E402
 
 from purify_pipeline import Purifier, psnr, retention, shards  # noqa: E402
 from purify_pipeline.train import to_float_nchw  # noqa: E402
@@ -182,16 +183,7 @@ def _plot(path: Path, s: dict, clean: np.ndarray, poisoned: np.ndarray, r: dict)
     p1 = r["p1"][:n].reshape(n, 3, *clean.shape[1:3]).transpose(0, 2, 3, 1)
     p2 = r["p2"][:n].reshape(n, 3, *clean.shape[1:3]).transpose(0, 2, 3, 1)
     rows = [("δ (x8)", amp(d)), ("p̂ stage 1 (x8)", amp(p1)), ("p̂ stage 2 (x8)", amp(p2))]
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.4 * len(rows)))
-    for i, (name, imgs) in enumerate(rows):
-        for j in range(n):
-            axes[i, j].imshow(imgs[j])
-            axes[i, j].axis("off")
-        axes[i, 0].set_title(name, fontsize=7, loc="left")
-    fig.tight_layout()
-    fig.savefig(path.with_name(path.stem + "-perturbations.png"), dpi=110)
-    plt.close(fig)
-
+    save_image_grid(path.with_name(path.stem + "-perturbations.png"), rows, row_height=1.4)
 
 if __name__ == "__main__":
     main()

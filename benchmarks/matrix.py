@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_facts  # noqa: E402
+from _plots import save_image_grid  # noqa: E402
 
 from purify_pipeline import DVAEConfig, poisons, psnr, retention, shards  # noqa: E402
 from purify_pipeline.classifiers import ClassifierConfig  # noqa: E402
@@ -115,23 +116,10 @@ def run_cell(cache: Path, poison: str, defense: str, seed: int, train_x: np.ndar
 
 
 def _grid(path: Path, clean: np.ndarray, poisoned: np.ndarray, purified: dict[str, np.ndarray], n: int = 6) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [("clean", clean[:n]), ("poisoned", poisoned[:n])] + [(k, v[:n]) for k, v in purified.items()]
     rows += [(f"{k} - clean (x8, grey = 0)", np.clip(128 + 8 * (v[:n].astype(int) - clean[:n]), 0, 255).astype(np.uint8))
              for k, v in {"poisoned": poisoned, **purified}.items()]  # fmt: skip
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.3 * len(rows)))
-    for r, (label, imgs) in enumerate(rows):
-        for c in range(n):
-            axes[r, c].imshow(imgs[c])
-            axes[r, c].axis("off")
-        axes[r, 0].set_title(label, fontsize=7, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_image_grid(path, rows)
 
 
 def report(out: Path, cells: list[dict], facts: dict, tier: str, total_s: float) -> None:

@@ -193,16 +193,10 @@ def cmd_poison(a: argparse.Namespace) -> int:
     urls = _expand(a.inputs)
     _output_free(a.output, a.overwrite)
     budget = _kv(a.option)
-    classes = _data_classes(urls)
     init_ray(a.address)
-    k = a.num_classes or (len(classes) if classes else None)
-    man = poison_shards(urls, a.output, a.poison, seed=a.seed, num_classes=k,
+    # poison_shards carries the input manifest's class names over: fit and purify read them from manifest.json
+    man = poison_shards(urls, a.output, a.poison, seed=a.seed, num_classes=a.num_classes,
                         prefix=a.prefix, num_actors=a.actors, **budget)  # fmt: skip
-    if classes:  # keep the class names with the data: fit and purify read them from manifest.json
-        from . import shards
-
-        man["classes"] = classes
-        shards.write_manifest(a.output, man)
     print(f"poisoned {man['counts']['samples']} images with {a.poison} -> {a.output} ({len(urls)} shards)")
     return 0
 

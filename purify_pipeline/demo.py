@@ -175,15 +175,12 @@ def _write_split(out: Path, prefix: str, samples: list[dict[str, Any]], shard_si
 
 def poison_with_classes(inputs: str | Sequence[str], output: str | os.PathLike, poison: str, *, seed: int,
                         classes: Sequence[str], show_progress: bool = True, **kw: Any) -> dict[str, Any]:  # fmt: skip
-    """`poisons.job.poison_shards`, plus the class names in the output's manifest.json (which `fit_purifier`
-    and the CLI read to size the model and to check checkpoints against the data)."""
+    """`poisons.job.poison_shards` with explicit class names (written to the output's manifest.json, which
+    `fit_purifier` and the CLI read to size the model and to check checkpoints against the data)."""
     from .poisons.job import poison_shards
 
-    man = poison_shards(inputs, os.fspath(output), poison, seed=seed, num_classes=len(classes),
-                        progress=progress_enabled(show_progress), **kw)  # fmt: skip
-    man["classes"] = list(classes)
-    shards.write_manifest(os.fspath(output), man)
-    return man
+    return poison_shards(inputs, os.fspath(output), poison, seed=seed, classes=classes,
+                         progress=progress_enabled(show_progress), **kw)  # fmt: skip
 
 
 def _arrays(urls: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -114,25 +114,14 @@ class PoisonShardWriter:
         return {"index": np.array([r["index"] for r in rows]), "entry": np.array([r["entry"] for r in rows])}
 
 
-def _input_manifest(urls: Sequence[str], storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+def _classes_from_inputs(urls: Sequence[str], storage_options: Mapping[str, Any] | None) -> tuple[list[str] | None, int | None]:
+    """(class names, number of classes) from a manifest.json beside the input shards, if any."""
     base = urls[0].rsplit("/", 1)[0] if "/" in urls[0] else "."
-    return shards.read_manifest(base, storage_options=storage_options) or {}
-
-
-def _class_names(m: Mapping[str, Any]) -> list[str] | None:
+    m = shards.read_manifest(base, storage_options=storage_options) or {}
     for k in ("classes", "class_names"):
         if isinstance(m.get(k), list):
-            return [str(c) for c in m[k]]
-    return None
-
-
-def _num_classes_from_inputs(urls: Sequence[str], storage_options: Mapping[str, Any] | None) -> int | None:
-    """`classes` / `class_names` / `num_classes` of a manifest.json beside the input shards, if any."""
-    m = _input_manifest(urls, storage_options)
-    names = _class_names(m)
-    if names is not None:
-        return len(names)
-    return int(m["num_classes"]) if isinstance(m.get("num_classes"), int) else None
+            return [str(c) for c in m[k]], len(m[k])
+    return None, int(m["num_classes"]) if isinstance(m.get("num_classes"), int) else None
 
 
 def _first_image_size(url: str, cfg: PoisonJobConfig) -> tuple[int, int]:
@@ -150,6 +139,7 @@ def poison_shards(
     *,
     seed: int,
     num_classes: int | None = None,
+    classes: Sequence[str] | None = None,
     prefix: str | None = None,
     image_column: str | None = None,
     label_column: str = "cls",
@@ -161,8 +151,8 @@ def poison_shards(
 ) -> dict[str, Any]:
     """Poison WebDataset shards with `name` (see `poisons.POISONS`) and write them under `output`.
 
-    `num_classes` defaults to the input manifest's class list (or, for poisons fitted on the data, to
-    max label + 1). Needs a running Ray (or starts a local one). Returns the manifest it writes.
+    `classes` (names, written to the output manifest) and `num_classes` default to the input manifest's class
+    list (else, for poisons fitted on the data, max label + 1 classes named by their index). Needs a running Ray (or starts a local one). Returns the manifest it writes.
     """
     import ray
     import ray.data
@@ -172,8 +162,12 @@ def poison_shards(
     urls = shards.expand(inputs, storage_options=storage_options)
     cfg = PoisonJobConfig(output=os.fspath(output), prefix=prefix or _default_prefix(urls),
                           image_column=image_column, label_column=label_column, storage_options=storage_options)
-    if num_classes is None:
-        num_classes = _num_classes_from_inputs(urls, storage_options)
+    if classes is None:
+        classes, found = _classes_from_inputs(urls, storage_options)
+        num_classes = num_classes if num_classes is not None else found
+    else:
+        classes = [str(c) for c in classes]
+        num_classes = num_classes if num_classes is not None else len(classes)
 
     # stage 1: fit once in the driver
     if poison_cls.needs_data:
@@ -211,8 +205,8 @@ def poison_shards(
         "image_member": "png",
         "label_member": label_column,
         # the class list travels with the shards so that `fit`/`purify` downstream know the label space
-        "classes": (names if (names := _class_names(_input_manifest(urls, storage_options))) is not None
-                    and len(names) == poison.num_classes else [str(c) for c in range(poison.num_classes)]),
+        "classes": classes if classes is not None and len(classes) == poison.num_classes
+        else [str(c) for c in range(poison.num_classes)],
         "inputs": urls,
         "counts": {"samples": int(sum(e["count"] for e in entries)), "shards": len(entries),
                    "per_class": per_class},
