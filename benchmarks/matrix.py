@@ -122,7 +122,7 @@ def _grid(path: Path, clean: np.ndarray, poisoned: np.ndarray, purified: dict[st
     save_image_grid(path, rows)
 
 
-def report(out: Path, cells: list[dict], facts: dict, tier: str, total_s: float) -> None:
+def report(out: Path, cells: list[dict], facts: dict, tier: str, total_s: float, extra: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,7 +139,7 @@ def report(out: Path, cells: list[dict], facts: dict, tier: str, total_s: float)
                         "spread": (max(accs) - min(accs)) / 2 if len(accs) > 1 else None,
                         "retention": ret[0] if ret else None, "psnr": cs[0]["psnr_vs_clean"]})  # fmt: skip
     (out / "matrix.json").write_text(json.dumps({"tier": tier, "cells": cells, "summary": summary,
-                                                 "total_seconds": total_s, "machine": facts}, indent=1))  # fmt: skip
+                                                 "total_seconds": total_s, "machine": facts, **(extra or {})}, indent=1))  # fmt: skip
     defs = [d for d in ["none", "dvae", "jpeg10", "grayscale", "bdr"] if any(s["defense"] == d for s in summary)]
     pois = list(dict.fromkeys(s["poison"] for s in summary))
     get = {(s["poison"], s["defense"]): s for s in summary}
@@ -210,7 +210,10 @@ def main(argv: list[str] | None = None) -> None:
         cells = [json.loads(f.read_text()) for f in sorted((cache / "cells").glob("*.json"))]
         order = ["clean"] + tier["poisons"]
         cells.sort(key=lambda c: (order.index(c["poison"]) if c["poison"] in order else 99, c["defense"], c["seed"]))
-        report(out, cells, machine_facts(args.device), args.tier, cached_compute_seconds(cache, cells))
+        steps = {f.parent.name: json.loads(f.read_text())["fit_and_purify_s"] for f in sorted(cache.glob("dvae-*/seconds.json"))}
+        steps.update({f.stem: float(np.load(f)["seconds"]) for f in sorted(cache.glob("poisoned-*.npz"))})
+        report(out, cells, machine_facts(args.device), args.tier, cached_compute_seconds(cache, cells),
+               extra={"step_seconds": steps})
         print((out / "matrix.md").read_text())
         return
     data = Path(args.data)

@@ -77,6 +77,9 @@ def test_job_reads_num_classes_from_the_input_manifest(ray_session, small_shards
     assert m["num_classes"] == 10
     assert m["classes"] == [f"c{i}" for i in range(10)]  # the input's class names are carried over
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["cw-000000.tar", "cw-000001.tar"]
+    with pytest.raises(ValueError, match="num_classes=3 but 10 class names"):
+        poisons.poison_shards(ins, str(tmp_path / "y"), "lsp", seed=0, num_classes=3, classes=list("abcdefghij"),
+                              progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="num_classes is needed"):
         poisons.poison_shards(small_shards, str(tmp_path / "x"), "lsp", seed=0, progress=False)
 

@@ -167,7 +167,9 @@ def poison_shards(
         num_classes = num_classes if num_classes is not None else found
     else:
         classes = [str(c) for c in classes]
-        num_classes = num_classes if num_classes is not None else len(classes)
+        if num_classes is not None and num_classes != len(classes):
+            raise ValueError(f"num_classes={num_classes} but {len(classes)} class names were given")
+        num_classes = len(classes)
 
     # stage 1: fit once in the driver
     if poison_cls.needs_data:
