@@ -46,6 +46,9 @@ class DVAEConfig:
     # perturbation-energy hinge max(mean(p^2), floor), active when epoch > energy_start_epoch (0-based)
     energy_start_epoch: int = 10
     energy_floor: float = 0.002
+    # opt-in, beyond the paper (0 = off): weight of the within-class variance of p_hat in a batch, which asks
+    # the perturbation decoder for one pattern per class (class-wise poisons) instead of image detail
+    p_class_weight: float = 0.0
     # how the training set is purified between the stages ("sample" = paper)
     stage1_mode: str = "sample"
     seed: int = 0
@@ -62,6 +65,8 @@ class DVAEConfig:
             raise ValueError(f"latent_channels must be >= 1, got {self.latent_channels}")
         if self.stage1_mode not in ("sample", "mean"):
             raise ValueError(f"stage1_mode must be 'sample' or 'mean', got {self.stage1_mode!r}")
+        if self.p_class_weight < 0:
+            raise ValueError(f"p_class_weight must be >= 0, got {self.p_class_weight}")
         if self.tau1 < 0 or self.tau2 < 0:
             raise ValueError("tau1 and tau2 must be >= 0 (nats per latent position)")
         n = self.num_downsample

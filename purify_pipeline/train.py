@@ -104,6 +104,7 @@ def fit_stage(
                 out._replace(x_hat=out.x_hat.float(), p_hat=out.p_hat.float(), mu=out.mu.float(), logvar=out.logvar.float()),
                 x, tau=tau, epoch=epoch, kl_weight=cfg.kl_weight,
                 energy_start_epoch=cfg.energy_start_epoch, energy_floor=cfg.energy_floor,
+                y=y, p_class_weight=cfg.p_class_weight,
             )  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -97,3 +97,23 @@ def test_config_validation_and_roundtrip():
     c = DVAEConfig.preset("cpu", num_classes=100, tau2=2.5)
     assert DVAEConfig.from_dict(c.to_dict()) == c
     assert c.num_classes == 100 and c.tau2 == 2.5 and c.width == 32
+
+
+def test_within_class_penalty_is_opt_in_and_measures_image_specific_p_hat():
+    from purify_pipeline.losses import within_class_variance
+
+    assert DVAEConfig.preset("paper").p_class_weight == 0.0  # the paper's loss is unchanged
+    y = torch.tensor([0, 0, 1, 1])
+    pattern = torch.randn(2, 3, 8, 8)
+    assert within_class_variance(pattern[y], y).item() == pytest.approx(0.0, abs=1e-12)  # one pattern per class
+    noisy = pattern[y] + torch.tensor([1.0, -1.0, 2.0, -2.0])[:, None, None, None]
+    assert within_class_variance(noisy, y).item() == pytest.approx((1 + 1 + 4 + 4) / 4, rel=1e-5)
+    x = torch.rand(4, 3, 8, 8)
+    out = DVAEOutput(x_hat=x.clone(), p_hat=noisy, mu=torch.zeros(4, 4, 2, 2), logvar=torch.zeros(4, 4, 2, 2))
+    base, t0 = dvae_loss(out, x, tau=1.0, epoch=0)
+    withp, t1 = dvae_loss(out, x, tau=1.0, epoch=0, y=y, p_class_weight=0.5)
+    assert "p_class_var" not in t0 and (withp - base).item() == pytest.approx(0.5 * 2.5, rel=1e-5)
+    with pytest.raises(ValueError, match="labels"):
+        dvae_loss(out, x, tau=1.0, epoch=0, p_class_weight=0.5)
+    with pytest.raises(ValueError, match="p_class_weight"):
+        DVAEConfig.preset("cpu", p_class_weight=-1.0)
