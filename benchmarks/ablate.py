@@ -2,12 +2,13 @@
 
     python benchmarks/ablate.py screen --poisons lsp --variants base bs32 ep30 tau2-1.5 pclass1  # 2k-image fits
     python benchmarks/ablate.py outputs --poisons lsp ar ops em    # x1 / x2' / x̂2 of the matrix's 10k fits
+    python benchmarks/ablate.py refit2 --poisons em --variants bs32 # the matrix's stage 1, stage 2 refit
     python benchmarks/ablate.py --report-only                       # rebuild the tables from the cache
 
 `screen` fits both D-VAE stages in-process (`fit_two_stage`) on the first --images poisoned training images of
 the cpu-mini tier (class-balanced shards; the poisoned sets come from the accuracy matrix's cache, made if
 missing), one variant = the `cpu` preset plus the overrides in VARIANTS. `outputs` re-uses the matrix's 10k
-`fit_purifier` checkpoints. Every cell measures, for each output taken:
+`fit_purifier` checkpoints; `refit2` keeps their stage 1 and refits stage 2 alone with a variant. Every cell measures, for each output taken:
 x1 = x - p̂1 (stage 1), x2' = x1 - p̂2, x̂2 = D2(x2') (the paper's output; "mean" = z = mu, "final" = the
 product's sampled purification), the poison retention r and PSNR against the clean images, and for the
 outputs in --classify the fast classifier's clean test accuracy (all 10k test images) when trained on them.
@@ -38,7 +39,8 @@ from diagnose_dvae import explain  # noqa: E402
 from diagnose_dvae import run as stage_outputs  # noqa: E402
 from matrix import DEFENSES, TIERS, _poisoned  # noqa: E402
 
-from purify_pipeline import DVAEConfig, Purifier, fit_two_stage, psnr, retention, shards  # noqa: E402
+from purify_pipeline import DVAE, DVAEConfig, Purifier, fit_two_stage, psnr, retention, shards  # noqa: E402
+from purify_pipeline.train import fit_stage  # noqa: E402
 from purify_pipeline.classifiers import ClassifierConfig  # noqa: E402
 from purify_pipeline.defenses import apply_defense  # noqa: E402
 from purify_pipeline.train_classifier import train_classifier  # noqa: E402
@@ -148,6 +150,49 @@ def screen(cache: Path, poison: str, variant: str, n: int, args, test: Any) -> N
     print(f"{tag}: " + ", ".join(f"{o} r={v['retention']:.2f} acc={v['acc']}" for o, v in cell["results"].items() if o in OUTPUTS))
 
 
+def refit_stage2(cache: Path, poison: str, variant: str, args, test: Any) -> None:
+    """Keep the matrix fit's stage 1, refit stage 2 alone with the variant's overrides (half a fit's cost).
+
+    Stage 2 trains on the stage-1 outputs x1 as fit_purifier does (mode cfg.stage1_mode, seed cfg.seed); for
+    ar/ops/em stage 1 leaves x1 ≈ x (p̂1 explains ~0 of δ), so the final output is stage 2's work alone."""
+    root = args.matrix_cache / f"dvae-{poison}-cpu" / "checkpoint"
+    if not (root / "config.json").exists():
+        print(f"{poison}: no matrix fit at {root} yet; skipped")
+        return
+    n = 10_000
+    overrides, _ = VARIANTS[variant]
+    prec = "bf16" if args.bf16 else "fp32"
+    tag = f"{poison}__n{n}__s2-{variant}__{prec}"
+    clean, labels, poisoned, delta = _arrays(Path(args.data), args.matrix_cache, poison, n)
+    base = Purifier.load(str(root))
+    cfg = DVAEConfig.from_dict({**base.cfg.to_dict(), **overrides})
+    ckpt = cache / "fits" / tag
+    if (ckpt / "config.json").exists():
+        pur = Purifier.load(str(ckpt))
+        fit_s = json.loads((ckpt.parent / f"{tag}.seconds").read_text())["fit_seconds"]
+    else:
+        t0 = time.perf_counter()
+        x1 = base.purify_stage1(poisoned, labels, mode=cfg.stage1_mode, seed=cfg.seed, progress=False)
+        torch.manual_seed(cfg.seed + 1)
+        stage2 = DVAE(base.cfg)  # same network (a Purifier's stages share one config); trained with cfg's settings
+        hist = fit_stage(stage2, x1, labels, tau=cfg.tau2, epochs=cfg.stage2_epochs, cfg=cfg, seed=cfg.seed + 1,
+                         progress=not args.quiet, desc="stage 2", autocast_dtype=torch.bfloat16 if args.bf16 else None)  # fmt: skip
+        pur = Purifier(base.stage1, stage2, class_names=base.class_names, metrics={"stage2": hist})
+        fit_s = time.perf_counter() - t0
+        pur.save(str(ckpt))
+        (ckpt.parent / f"{tag}.seconds").write_text(json.dumps({"fit_seconds": fit_s}))
+    hist = pur.metrics.get("stage2") or []
+    cell = {"kind": "refit2", "poison": poison, "variant": f"s2-{variant}", "overrides": overrides, "images": n,
+            "precision": prec, "fit_seconds": fit_s, "steps_per_stage": cfg.steps_per_epoch(n) * cfg.stage2_epochs,
+            "final_epoch": {"stage2": {k: hist[-1][k] for k in ("rec", "rec_p", "kl", "energy") if k in hist[-1]}} if hist else {},
+            "results": _measure(cache, tag, _outputs(pur, clean, poisoned, labels), clean, labels, delta, test,
+                                args.classify, args.seeds)}  # fmt: skip
+    f = cache / "cells" / f"refit2__{tag}.json"
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(cell, indent=1))
+    print(f"{tag}: " + ", ".join(f"{o} r={v['retention']:.2f} acc={v['acc']}" for o, v in cell["results"].items() if o in OUTPUTS))
+
+
 def outputs_of_matrix_fit(cache: Path, poison: str, args, test: Any) -> None:
     root = args.matrix_cache / f"dvae-{poison}-cpu"
     if not (root / "checkpoint" / "config.json").exists():
@@ -160,6 +205,7 @@ def outputs_of_matrix_fit(cache: Path, poison: str, args, test: Any) -> None:
     tag = f"{poison}__n{n}__matrix-cpu"
     seconds = json.loads((root / "seconds.json").read_text()) if (root / "seconds.json").exists() else {}
     cell = {"kind": "outputs", "poison": poison, "variant": "matrix-cpu", "images": n, "fit": seconds,
+            "steps_per_stage": pur.cfg.steps_per_epoch(n) * pur.cfg.epochs,
             "results": _measure(cache, tag, outs, clean, labels, delta, test, args.classify, args.seeds)}
     mcells = [json.loads(p.read_text()) for p in (args.matrix_cache / "cells").glob(f"{poison}__dvae__s*.json")]
     if mcells:
@@ -213,7 +259,11 @@ def report(cache: Path, out: Path, total_s: float | None = None) -> None:
                          f"| {_fmt(r.get('xhat2_mean'))} | {_fmt(r.get('final'))} "
                          f"| {p1s} |")  # fmt: skip
         lines.append("")
-    lines += ["Variants: " + "; ".join(f"`{k}` = {v[1]}" for k, v in VARIANTS.items()), ""]
+    lines += ["Cells: `matrix-cpu` = the accuracy matrix's `fit_purifier` checkpoint (cpu preset, 10k poisoned images; "
+              "fit min = fit + purify through Ray); `s2-<variant>` = that checkpoint's stage 1 with stage 2 refitted "
+              "in-process with the variant (fit min = stage 2 alone); screens (other sections) = both stages fitted "
+              "in-process on the first N images.", "",
+              "Variants: " + "; ".join(f"`{k}` = {v[1]}" for k, v in VARIANTS.items()), ""]  # fmt: skip
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     _plot(out / "ablation.png", cells)
     print("\n".join(lines))
@@ -242,7 +292,7 @@ def _plot(path: Path, cells: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="?", choices=["screen", "outputs", "baselines"], default=None)
+    ap.add_argument("what", nargs="?", choices=["screen", "outputs", "baselines", "refit2"], default=None)
     ap.add_argument("--poisons", nargs="+", default=["lsp"])
     ap.add_argument("--variants", nargs="+", default=["base"], choices=sorted(VARIANTS))
     ap.add_argument("--images", type=int, default=2000)
@@ -261,13 +311,16 @@ def main(argv: list[str] | None = None) -> None:
     cache, out = Path(args.cache), Path(args.out)
     if not args.report_only:
         if args.what is None:
-            ap.error("choose screen, outputs or baselines (or --report-only)")
+            ap.error("choose screen, outputs, baselines or refit2 (or --report-only)")
         test = shards.load_arrays(str(Path(args.data) / TIERS["cpu-mini"]["test"]), show_progress=False)
         for p in args.poisons:
             if args.what == "baselines":
                 baselines(cache, p, args.images, args, test)
             elif args.what == "outputs":
                 outputs_of_matrix_fit(cache, p, args, test)
+            elif args.what == "refit2":
+                for v in args.variants:
+                    refit_stage2(cache, p, v, args, test)
             else:
                 for v in args.variants:
                     screen(cache, p, v, args.images, args, test)

@@ -70,7 +70,7 @@ def main() -> None:
     facts["loadavg_at_end"] = os.getloadavg()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "gpu" if args.device.startswith("cuda") else "cpu"
+    tag = ("gpu" if args.device.startswith("cuda") else "cpu") + ("-bf16" if args.bf16 else "")
     (out / f"{tag}.json").write_text(json.dumps({"rows": rows, "machine": facts}, indent=1))
     lines = [f"# D-VAE training throughput ({tag})", "", f"Command: `{facts['command']}`", "",
              f"Machine: {facts['cpu_count']} CPUs, torch {facts['torch']} ({facts['torch_threads']} threads), "

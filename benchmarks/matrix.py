@@ -142,7 +142,8 @@ def report(out: Path, cells: list[dict], facts: dict, tier: str, total_s: float,
                         "retention": ret[0] if ret else None, "psnr": cs[0]["psnr_vs_clean"]})  # fmt: skip
     (out / "matrix.json").write_text(json.dumps({"tier": tier, "cells": cells, "summary": summary,
                                                  "total_seconds": total_s, "machine": facts, **(extra or {})}, indent=1))  # fmt: skip
-    defs = [d for d in ["none", "dvae", "jpeg10", "grayscale", "bdr"] if any(s["defense"] == d for s in summary)]
+    known = ["none", "dvae", *sorted({s["defense"] for s in summary if s["defense"].startswith("dvae-")}), "jpeg10", "grayscale", "bdr"]
+    defs = [d for d in known if any(s["defense"] == d for s in summary)]
     pois = list(dict.fromkeys(s["poison"] for s in summary))
     get = {(s["poison"], s["defense"]): s for s in summary}
     fmt = lambda s: "—" if s is None else f"{s['mean']:.1f}" + (f" ± {s['spread']:.1f}" if s["spread"] is not None else "")  # noqa: E731
@@ -234,11 +235,13 @@ def main(argv: list[str] | None = None) -> None:
                 x = _dvae(cache, name, poisoned, clean, preset, args)
             else:
                 x = apply_defense(DEFENSES[d][0], poisoned, **DEFENSES[d][1])
+            label = f"dvae-{preset}" if d == "dvae" and preset != tier["dvae"] else d  # a cell per preset
             if d != "none":
-                purified[d] = x
+                purified[label] = x
             seeds = args.seeds if d in args.extra_seed_defenses else args.seeds[:1]
-            cells += [run_cell(cache, name, d, s, x, clean, delta, test, clf, args) for s in seeds]
-        _grid(out / f"grid-{name}.png", clean.images, poisoned, purified)
+            cells += [run_cell(cache, name, label, s, x, clean, delta, test, clf, args) for s in seeds]
+        if {"dvae", "jpeg10", "grayscale"} <= set(args.defenses) or not (out / f"grid-{name}.png").exists():
+            _grid(out / f"grid-{name}.png", clean.images, poisoned, purified)  # a partial re-run keeps the full grid
         report(out, cells, machine_facts(args.device), args.tier, time.perf_counter() - t0)
     report(out, cells, machine_facts(args.device), args.tier, time.perf_counter() - t0)
     print((out / "matrix.md").read_text())

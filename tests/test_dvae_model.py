@@ -117,3 +117,9 @@ def test_within_class_penalty_is_opt_in_and_measures_image_specific_p_hat():
         dvae_loss(out, x, tau=1.0, epoch=0, p_class_weight=0.5)
     with pytest.raises(ValueError, match="p_class_weight"):
         DVAEConfig.preset("cpu", p_class_weight=-1.0)
+
+
+def test_cpu_b32_preset_is_the_cpu_preset_with_batch_32() -> None:
+    cpu, b32 = DVAEConfig.preset("cpu").to_dict(), DVAEConfig.preset("cpu-b32").to_dict()
+    assert {k for k in cpu if cpu[k] != b32[k]} == {"batch_size", "preset_name"}
+    assert (cpu["batch_size"], b32["batch_size"]) == (128, 32)
