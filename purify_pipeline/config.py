@@ -17,9 +17,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     # Sized for a 2-core CPU: both stages on 10k CIFAR-10 images in about 30 minutes.
     "cpu": {"width": 32, "epochs": 15},
-    # `cpu` with batch 32: 4x the optimiser steps in the same wall time on a CPU (issue 8's ablation: sharper
-    # stage-2 outputs at the same low poison retention). Candidate to become `cpu` once the matrix confirms it.
-    "cpu-b32": {"width": 32, "epochs": 15, "batch_size": 32},
+    # `cpu` with stage 2 at batch 32: 4x its optimiser steps in about the same CPU time; issue 8's ablation
+    # measured sharper outputs at the same low poison retention. Candidate to become `cpu` (see the README).
+    "cpu-sharp": {"width": 32, "epochs": 15, "batch_size_stage2": 32},
     # Quick look / demos: a few minutes on 10k images.
     "small": {"width": 16, "epochs": 8},
     # Unit tests and smoke runs: seconds.
@@ -40,6 +40,7 @@ class DVAEConfig:
     epochs: int = 60
     epochs_stage2: int | None = None  # None = same as `epochs`
     batch_size: int = 128
+    batch_size_stage2: int | None = None  # None = same as `batch_size` (not in the paper: one batch size)
     lr: float = 5e-3
     grad_clip: float = 5.0
     # rate constraint: KL in nats per latent position (summed over channels), hinge 0.01 * max(KL, tau)
@@ -68,6 +69,8 @@ class DVAEConfig:
             raise ValueError(f"latent_channels must be >= 1, got {self.latent_channels}")
         if self.stage1_mode not in ("sample", "mean"):
             raise ValueError(f"stage1_mode must be 'sample' or 'mean', got {self.stage1_mode!r}")
+        if self.batch_size < 1 or (self.batch_size_stage2 is not None and self.batch_size_stage2 < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} / {self.batch_size_stage2}")
         if self.p_class_weight < 0:
             raise ValueError(f"p_class_weight must be >= 0, got {self.p_class_weight}")
         if self.tau1 < 0 or self.tau2 < 0:
@@ -103,6 +106,9 @@ class DVAEConfig:
 
     def epochs_for(self, stage: int) -> int:
         return {1: self.epochs, 2: self.stage2_epochs}[stage]
+
+    def batch_size_for(self, stage: int) -> int:
+        return {1: self.batch_size, 2: self.batch_size if self.batch_size_stage2 is None else self.batch_size_stage2}[stage]
 
     # ---- construction ----
     @classmethod

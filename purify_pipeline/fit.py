@@ -183,7 +183,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         start, history = _load_state(restore, model, opt, sched)
     model = sess.prepare(model)
     it = sess.iterator()
-    per_worker = max(1, cfg.batch_size // sess.world)  # the global batch stays cfg.batch_size
+    per_worker = max(1, cfg.batch_size_for(stage) // sess.world)  # the global batch stays the stage's batch size
 
     def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         for b in it.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker,

@@ -248,16 +248,17 @@ def fit_two_stage(images: np.ndarray, labels: np.ndarray, cfg: DVAEConfig, *, cl
 
     bf16: bfloat16 autocast (a GPU, or a CPU with AMX / AVX512-BF16)."""
     images, labels = validate_batch(images, labels, num_classes=cfg.num_classes, image_size=cfg.image_size)
-    if len(images) < cfg.batch_size:
-        raise ValueError(f"{len(images)} images is fewer than one batch ({cfg.batch_size}); lower batch_size")
+    if len(images) < max(cfg.batch_size_for(1), cfg.batch_size_for(2)):
+        raise ValueError(f"{len(images)} images is fewer than one batch ({cfg.batch_size_for(1)} / "
+                         f"{cfg.batch_size_for(2)}); lower batch_size")  # fmt: skip
     torch.manual_seed(cfg.seed)
     stage1, stage2 = DVAE(cfg), DVAE(cfg)
     amp = torch.bfloat16 if bf16 else None
     h1 = fit_stage(stage1, images, labels, tau=cfg.tau1, epochs=cfg.epochs, cfg=cfg, device=device,
-                   seed=cfg.seed, progress=progress, desc="stage 1", autocast_dtype=amp)  # fmt: skip
+                   seed=cfg.seed, progress=progress, desc="stage 1", autocast_dtype=amp, batch_size=cfg.batch_size_for(1))  # fmt: skip
     half = Purifier(stage1, stage2, class_names=class_names, device=device)
     x1 = half.purify_stage1(images, labels, mode=cfg.stage1_mode, seed=cfg.seed, progress=progress)
     h2 = fit_stage(stage2, x1, labels, tau=cfg.tau2, epochs=cfg.stage2_epochs, cfg=cfg, device=device,
-                   seed=cfg.seed + 1, progress=progress, desc="stage 2", autocast_dtype=amp)  # fmt: skip
+                   seed=cfg.seed + 1, progress=progress, desc="stage 2", autocast_dtype=amp, batch_size=cfg.batch_size_for(2))  # fmt: skip
     return Purifier(stage1, stage2, class_names=class_names, metrics={"stage1": h1, "stage2": h2},
                     data_fingerprint=data_fingerprint(images, labels), device=device)  # fmt: skip

@@ -66,6 +66,7 @@ def fit_stage(
     progress: bool = True,
     desc: str = "D-VAE",
     autocast_dtype: torch.dtype | None = None,
+    batch_size: int | None = None,
 ) -> list[dict[str, float]]:
     """Train `model` (a DVAE, possibly DDP-wrapped) for epochs [start_epoch, epochs); return per-epoch metrics.
 
@@ -75,8 +76,9 @@ def fit_stage(
     cfg = cfg or getattr(model, "module", model).cfg
     if labels is not None:
         images, labels_arr = np.asarray(data), np.asarray(labels)
-        batches: Batches = lambda e: array_batches(images, labels_arr, cfg.batch_size, seed=seed, epoch=e)
-        steps: int | None = cfg.steps_per_epoch(len(images))
+        bs = batch_size or cfg.batch_size
+        batches: Batches = lambda e: array_batches(images, labels_arr, bs, seed=seed, epoch=e)
+        steps: int | None = max(1, len(images) // bs)
     elif callable(data):
         batches, steps = data, None
     else:

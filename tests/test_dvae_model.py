@@ -119,7 +119,11 @@ def test_within_class_penalty_is_opt_in_and_measures_image_specific_p_hat():
         DVAEConfig.preset("cpu", p_class_weight=-1.0)
 
 
-def test_cpu_b32_preset_is_the_cpu_preset_with_batch_32() -> None:
-    cpu, b32 = DVAEConfig.preset("cpu").to_dict(), DVAEConfig.preset("cpu-b32").to_dict()
-    assert {k for k in cpu if cpu[k] != b32[k]} == {"batch_size", "preset_name"}
-    assert (cpu["batch_size"], b32["batch_size"]) == (128, 32)
+def test_cpu_sharp_preset_is_the_cpu_preset_with_stage2_batch_32() -> None:
+    cpu, sharp = DVAEConfig.preset("cpu"), DVAEConfig.preset("cpu-sharp")
+    a, b = cpu.to_dict(), sharp.to_dict()
+    assert {k for k in a if a[k] != b[k]} == {"batch_size_stage2", "preset_name"}
+    assert [cpu.batch_size_for(s) for s in (1, 2)] == [128, 128]
+    assert [sharp.batch_size_for(s) for s in (1, 2)] == [128, 32]
+    with pytest.raises(ValueError, match="batch sizes"):
+        DVAEConfig.preset("cpu", batch_size_stage2=0)

@@ -87,9 +87,12 @@ def test_killed_run_resumes_from_its_last_checkpoint(small_shards, tmp_path, ray
 
 
 def test_single_process_mode_and_label_errors(small_shards, tmp_path, ray_session):
-    out = fit_purifier(small_shards, preset=_cfg(), output=str(tmp_path / "ckpt"), num_workers=0,
+    out = fit_purifier(small_shards, preset=_cfg(batch_size_stage2=100), output=str(tmp_path / "ckpt"), num_workers=0,
                        storage_path=str(tmp_path / "runs"), progress=False)  # fmt: skip
-    assert Purifier.load(out).metrics["stage2"][0]["world_size"] == 1
+    metrics = Purifier.load(out).metrics
+    assert metrics["stage2"][0]["world_size"] == 1
+    # 384 samples: stage 1 in 6 full batches of 64, stage 2 in 3 full batches of 100 (the last 84 dropped)
+    assert [metrics["stage1"][0]["samples"], metrics["stage2"][0]["samples"]] == [384, 300]
     with pytest.raises(Exception, match=r"key 'train_\d+'.*label \d is outside the model's classes \[0, 3\)"):
         fit_purifier(small_shards, preset=_cfg(), num_classes=3, class_names=["a", "b", "c"], num_workers=0,
                      output=str(tmp_path / "bad"), storage_path=str(tmp_path / "runs"), progress=False)  # fmt: skip
