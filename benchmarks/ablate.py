@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -110,7 +110,6 @@ def _measure(cache: Path, tag: str, outs: dict[str, np.ndarray], clean: np.ndarr
 
 def baselines(cache: Path, poison: str, n: int, args, test: Any) -> None:
     clean, labels, poisoned, delta = _arrays(Path(args.data), args.matrix_cache, poison, n)
-    f = cache / "cells" / f"baseline__{poison}__n{n}.json"
     outs = {"clean": clean, **{d: apply_defense(DEFENSES[d][0], poisoned, **DEFENSES[d][1]) for d in ("none", "jpeg10", "grayscale")}}
     cell = {"kind": "baseline", "poison": poison, "images": n, "results": {}}
     for name, x in outs.items():
@@ -118,8 +117,31 @@ def baselines(cache: Path, poison: str, n: int, args, test: Any) -> None:
                 for s in args.seeds]  # fmt: skip
         cell["results"][name] = {"retention": retention(x, clean, delta), "psnr": psnr(x, clean) if name != "clean" else None,
                                  "acc": accs}  # fmt: skip
+    _write_cell(cache, f"baseline__{poison}__n{n}", cell)
+
+
+def _cached_fit(cache: Path, tag: str, fit: Callable[[], Purifier]) -> tuple[Purifier, float]:
+    """The purifier cached under fits/<tag>, or fit() saved there; with its fit seconds."""
+    ckpt = cache / "fits" / tag
+    if (ckpt / "config.json").exists():
+        return Purifier.load(str(ckpt)), json.loads((ckpt.parent / f"{tag}.seconds").read_text())["fit_seconds"]
+    t0 = time.perf_counter()
+    pur = fit()
+    fit_s = time.perf_counter() - t0
+    pur.save(str(ckpt))
+    (ckpt.parent / f"{tag}.seconds").write_text(json.dumps({"fit_seconds": fit_s}))
+    return pur, fit_s
+
+
+def _final_epoch(metrics: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    return {s: {k: h[-1][k] for k in ("rec", "rec_p", "kl", "energy") if k in h[-1]} for s, h in metrics.items() if h}
+
+
+def _write_cell(cache: Path, name: str, cell: dict[str, Any]) -> None:
+    f = cache / "cells" / f"{name}.json"
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(cell, indent=1))
+    print(f"{name}: " + ", ".join(f"{o} r={v['retention']:.2f} acc={v['acc']}" for o, v in cell["results"].items() if o in OUTPUTS))
 
 
 def screen(cache: Path, poison: str, variant: str, n: int, args, test: Any) -> None:
@@ -127,27 +149,15 @@ def screen(cache: Path, poison: str, variant: str, n: int, args, test: Any) -> N
     prec = "bf16" if args.bf16 else "fp32"
     name = variant if args.preset == "cpu" else f"{args.preset}-{variant}"
     tag = f"{poison}__n{n}__{name}__{prec}"
-    f = cache / "cells" / f"screen__{tag}.json"
     clean, labels, poisoned, delta = _arrays(Path(args.data), args.matrix_cache, poison, n)
-    ckpt = cache / "fits" / tag
-    if (ckpt / "config.json").exists():
-        pur = Purifier.load(str(ckpt))
-        fit_s = json.loads((ckpt.parent / f"{tag}.seconds").read_text())["fit_seconds"]
-    else:
-        t0 = time.perf_counter()
-        pur = fit_two_stage(poisoned, labels, DVAEConfig.preset(args.preset, **overrides), progress=not args.quiet, bf16=args.bf16)
-        fit_s = time.perf_counter() - t0
-        pur.save(str(ckpt))
-        (ckpt.parent / f"{tag}.seconds").write_text(json.dumps({"fit_seconds": fit_s}))
-    hist = pur.metrics
+    pur, fit_s = _cached_fit(cache, tag, lambda: fit_two_stage(poisoned, labels, DVAEConfig.preset(args.preset, **overrides),
+                                                               progress=not args.quiet, bf16=args.bf16))  # fmt: skip
     cell = {"kind": "screen", "poison": poison, "variant": name, "overrides": overrides, "images": n, "precision": prec,
             "fit_seconds": fit_s, "steps_per_stage": pur.cfg.steps_per_epoch(n) * pur.cfg.epochs,
-            "final_epoch": {s: {k: hist[s][-1][k] for k in ("rec", "rec_p", "kl", "energy") if k in hist[s][-1]} for s in hist},
+            "final_epoch": _final_epoch(pur.metrics),
             "results": _measure(cache, tag, _outputs(pur, clean, poisoned, labels), clean, labels, delta, test,
                                 args.classify, args.seeds)}  # fmt: skip
-    f.parent.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps(cell, indent=1))
-    print(f"{tag}: " + ", ".join(f"{o} r={v['retention']:.2f} acc={v['acc']}" for o, v in cell["results"].items() if o in OUTPUTS))
+    _write_cell(cache, f"screen__{tag}", cell)
 
 
 def refit_stage2(cache: Path, poison: str, variant: str, args, test: Any) -> None:
@@ -166,31 +176,22 @@ def refit_stage2(cache: Path, poison: str, variant: str, args, test: Any) -> Non
     clean, labels, poisoned, delta = _arrays(Path(args.data), args.matrix_cache, poison, n)
     base = Purifier.load(str(root))
     cfg = DVAEConfig.from_dict({**base.cfg.to_dict(), **overrides})
-    ckpt = cache / "fits" / tag
-    if (ckpt / "config.json").exists():
-        pur = Purifier.load(str(ckpt))
-        fit_s = json.loads((ckpt.parent / f"{tag}.seconds").read_text())["fit_seconds"]
-    else:
-        t0 = time.perf_counter()
+
+    def fit() -> Purifier:
         x1 = base.purify_stage1(poisoned, labels, mode=cfg.stage1_mode, seed=cfg.seed, progress=False)
         torch.manual_seed(cfg.seed + 1)
         stage2 = DVAE(base.cfg)  # same network (a Purifier's stages share one config); trained with cfg's settings
         hist = fit_stage(stage2, x1, labels, tau=cfg.tau2, epochs=cfg.stage2_epochs, cfg=cfg, seed=cfg.seed + 1,
                          progress=not args.quiet, desc="stage 2", autocast_dtype=torch.bfloat16 if args.bf16 else None)  # fmt: skip
-        pur = Purifier(base.stage1, stage2, class_names=base.class_names, metrics={"stage2": hist})
-        fit_s = time.perf_counter() - t0
-        pur.save(str(ckpt))
-        (ckpt.parent / f"{tag}.seconds").write_text(json.dumps({"fit_seconds": fit_s}))
-    hist = pur.metrics.get("stage2") or []
+        return Purifier(base.stage1, stage2, class_names=base.class_names, metrics={"stage2": hist})
+
+    pur, fit_s = _cached_fit(cache, tag, fit)
     cell = {"kind": "refit2", "poison": poison, "variant": f"s2-{variant}", "overrides": overrides, "images": n,
             "precision": prec, "fit_seconds": fit_s, "steps_per_stage": cfg.steps_per_epoch(n) * cfg.stage2_epochs,
-            "final_epoch": {"stage2": {k: hist[-1][k] for k in ("rec", "rec_p", "kl", "energy") if k in hist[-1]}} if hist else {},
+            "final_epoch": _final_epoch(pur.metrics),
             "results": _measure(cache, tag, _outputs(pur, clean, poisoned, labels), clean, labels, delta, test,
                                 args.classify, args.seeds)}  # fmt: skip
-    f = cache / "cells" / f"refit2__{tag}.json"
-    f.parent.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps(cell, indent=1))
-    print(f"{tag}: " + ", ".join(f"{o} r={v['retention']:.2f} acc={v['acc']}" for o, v in cell["results"].items() if o in OUTPUTS))
+    _write_cell(cache, f"refit2__{tag}", cell)
 
 
 def outputs_of_matrix_fit(cache: Path, poison: str, args, test: Any) -> None:
@@ -212,9 +213,7 @@ def outputs_of_matrix_fit(cache: Path, poison: str, args, test: Any) -> None:
         cell["results"]["final"] = {"retention": mcells[0]["retention"], "psnr": mcells[0]["psnr_vs_clean"],
                                     "acc": [c["test_acc"] for c in sorted(mcells, key=lambda c: c["seed"])],
                                     "from": "accuracy matrix dvae cells"}  # fmt: skip
-    f = cache / "cells" / f"outputs__{tag}.json"
-    f.parent.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps(cell, indent=1))
+    _write_cell(cache, f"outputs__{tag}", cell)
 
 
 def _fmt(v: dict | None) -> str:

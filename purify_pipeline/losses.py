@@ -46,22 +46,14 @@ def dvae_loss(
     energy_on = epoch > energy_start_epoch
     if energy_on:
         loss = loss + torch.clamp(energy, min=energy_floor)
-    terms: dict[str, Tensor] = {}
+    extra: dict[str, Tensor] = {}
     if p_class_weight > 0:
         if y is None:
             raise ValueError("p_class_weight > 0 needs the labels y")
-        var = within_class_variance(out.p_hat, y)
-        loss = loss + p_class_weight * var
-        terms["p_class_var"] = var.detach()
-    terms = {
-        **terms,
-        "loss": loss.detach(),
-        "rec": rec.detach(),
-        "rec_p": rec_p.detach(),
-        "kl": kl.detach(),
-        "energy": energy.detach(),
-    }
-    return loss, terms
+        extra["p_class_var"] = within_class_variance(out.p_hat, y)
+        loss = loss + p_class_weight * extra["p_class_var"]
+    terms = {"loss": loss, "rec": rec, "rec_p": rec_p, "kl": kl, "energy": energy, **extra}
+    return loss, {k: v.detach() for k, v in terms.items()}
 
 
 def within_class_variance(p: Tensor, y: Tensor) -> Tensor:
