@@ -62,17 +62,20 @@ def _memory_format(cfg: ClassifierConfig) -> torch.memory_format:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, cfg: ClassifierConfig,
-             device: torch.device | str = "cpu") -> dict[str, float]:
+             device: torch.device | str = "cpu", bf16: bool = False) -> dict[str, float]:
     """Accuracy and mean cross-entropy of `model` (eval mode) on uint8 NHWC images, optional flip TTA."""
     correct, loss_sum = 0, 0.0
+    device = torch.device(device)
     was_training = model.training
     model.eval()
     for i in range(0, len(images), cfg.eval_batch_size):
         x = to_float_nchw(images[i : i + cfg.eval_batch_size]).to(device, memory_format=_memory_format(cfg))
         y = torch.as_tensor(labels[i : i + cfg.eval_batch_size], dtype=torch.long, device=device)
-        logits = model(x)
-        if cfg.tta_flip:
-            logits = 0.5 * (logits + model(x.flip(3)))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+            if cfg.tta_flip:
+                logits = 0.5 * (logits + model(x.flip(3)))
+        logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
     model.train(was_training)
@@ -90,8 +93,11 @@ def train_classifier(
     device: str | torch.device = "cpu",
     progress_bar: bool = True,
     on_epoch_end: Callable[[int, dict[str, Any], nn.Module], None] | None = None,
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """Train a fresh classifier on uint8 NHWC images and test it; returns metrics and the model.
+
+    bf16: bfloat16 autocast for the forward passes (a GPU, or a CPU with AMX); weights and SGD stay fp32.
 
     Returns {"test_acc", "test_loss", "history": [per-epoch dicts], "train_seconds", "num_parameters",
     "config", "seed", "device", "model"} where test_acc is the final epoch's clean test accuracy.
@@ -127,32 +133,36 @@ def train_classifier(
         model.train()
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen)
-        loss_sum, correct, seen = 0.0, 0, 0
+        # running sums stay on the device: no host sync per step, so a GPU never waits for Python
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
         for step in progress(range(steps_per_epoch), enabled=progress_bar, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                              leave=False):
             idx = perm[step * bs : (step + 1) * bs]
             x = random_crop_flip(to_float_nchw(x_all[idx]), cfg.crop_padding, cfg.flip, gen)
             x = x.to(device, memory_format=mf)
             y = y_all[idx].to(device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(idx)
         metrics: dict[str, Any] = {
             "epoch": epoch,
-            "train_loss": loss_sum / seen,
-            "train_acc": correct / seen,
+            "train_loss": loss_sum.item() / seen,
+            "train_acc": correct.item() / seen,
             "lr": opt.param_groups[0]["lr"],
             "epoch_seconds": time.perf_counter() - t0,
         }
         last = epoch == cfg.epochs - 1
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            ev = evaluate(model, test_images, test_labels, cfg, device)
+            ev = evaluate(model, test_images, test_labels, cfg, device, bf16=bf16)
             metrics.update(test_acc=ev["acc"], test_loss=ev["loss"])
         history.append(metrics)
         if on_epoch_end is not None:
@@ -167,6 +177,7 @@ def train_classifier(
         "config": cfg.to_dict(),
         "seed": seed,
         "device": str(device),
+        "bf16": bf16,
         "model": model,
     }
 
@@ -185,6 +196,7 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     mf = _memory_format(cfg)
+    bf16 = bool(config.get("bf16", False))
 
     torch.manual_seed(seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     model = build_classifier(cfg)
@@ -218,8 +230,9 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
                 continue  # BatchNorm cannot train on a single image
             x = random_crop_flip(x, cfg.crop_padding, cfg.flip, gen).to(device, memory_format=mf)
             y = y.to(device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -239,9 +252,11 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
             with torch.no_grad():
                 for x, y in batches("test", cfg.eval_batch_size, shuffle_seed=None):
                     x, y = x.to(device, memory_format=mf), y.to(device)
-                    logits = net(x)
-                    if cfg.tta_flip:
-                        logits = 0.5 * (logits + net(x.flip(3)))
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        logits = net(x)
+                        if cfg.tta_flip:
+                            logits = 0.5 * (logits + net(x.flip(3)))
+                    logits = logits.float()
                     t_loss += F.cross_entropy(logits, y, reduction="sum").item()
                     t_correct += (logits.argmax(1) == y).sum().item()
                     t_seen += len(y)
@@ -278,6 +293,7 @@ def train_classifier_ray(
     label_column: str = "label",
     storage_path: str | None = None,
     run_name: str | None = None,
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """Train a classifier with Ray Train (TorchTrainer, DDP) on a Ray Dataset of uint8 HWC images + int labels.
 
@@ -286,6 +302,7 @@ def train_classifier_ray(
     (RAY-NOTES: 2 workers x 1 CPU + datasets hangs on 2 cores). The training set is split over workers
     (equal split: up to num_workers-1 rows may be left out per epoch); rank 0 scores the whole test set.
     With `read_webdataset` shards pass image_column="jpg" (or "png") and label_column="cls".
+    bf16: bfloat16 autocast for the forward passes (weights and SGD stay fp32).
     Returns {"test_acc", "history", "checkpoint_path", ...} read from the final checkpoint
     (model.safetensors + metrics.json) under `storage_path`/`run_name`.
     """
@@ -308,7 +325,8 @@ def train_classifier_ray(
         net.set_whitening(to_float_nchw(np.stack(list(sample)) if sample.dtype == object else sample))
         whitening = net.stem.weight.tolist()
     loop_cfg = {"cfg": cfg.to_dict(), "seed": seed, "image_column": image_column, "label_column": label_column,
-                "num_train": train_ds.count(), "has_test": test_ds is not None, "whitening": whitening}
+                "num_train": train_ds.count(), "has_test": test_ds is not None, "whitening": whitening,
+                "bf16": bf16}
     trainer = TorchTrainer(
         _ray_train_loop,
         train_loop_config=loop_cfg,

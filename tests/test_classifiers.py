@@ -106,6 +106,22 @@ def test_training_loop_learns_and_is_deterministic(rng: np.random.Generator) -> 
     assert r3["history"][0]["train_loss"] != h[0]["train_loss"]
 
 
+def test_bf16_autocast_trains_seeded_and_differs_from_fp32(rng: np.random.Generator) -> None:
+    """bf16=True really autocasts (weights end up different from fp32) and is still seeded and learns."""
+    xtr, ytr = _easy_data(256, rng)
+    xte, yte = _easy_data(128, rng)
+    cfg = ClassifierConfig.preset("tiny", num_classes=4, epochs=2, batch_size=32)
+    a = train_classifier(xtr, ytr, xte, yte, cfg, seed=0, bf16=True, progress_bar=False)
+    b = train_classifier(xtr, ytr, xte, yte, cfg, seed=0, bf16=True, progress_bar=False)
+    f = train_classifier(xtr, ytr, xte, yte, cfg, seed=0, progress_bar=False)
+    assert a["bf16"] and not f["bf16"]
+    assert a["test_acc"] > 0.5 and np.isfinite(a["test_loss"])
+    pa, pb, pf = (torch.cat([p.flatten() for p in r["model"].parameters()]) for r in (a, b, f))
+    assert torch.equal(pa, pb)
+    assert not torch.equal(pa, pf)
+    assert all(p.dtype == torch.float32 for p in a["model"].parameters())
+
+
 def test_training_loop_on_cifar_subset(cifar10_dir: Path) -> None:
     """One epoch of the tiny net on 256 real CIFAR-10 images: runs end to end, loss falls within the epoch."""
     from purify_pipeline import shards

@@ -1,0 +1,280 @@
+"""The paper tier on one GPU, in-process: poison -> D-VAE (`paper` preset) -> purify -> ResNet-18, side by side.
+
+    python benchmarks/paper_gpu.py --data DIR/cifar10 --out OUT --poison lsp --budget-s 420
+    python benchmarks/paper_gpu.py --smoke --device cpu --out /tmp/smoke     # every code path in a minute
+
+Why not matrix.py: the GPU machine lent to sessions has PyTorch but no Ray, so matrix.py's product path
+(`fit_purifier` on Ray Train, `purify_shards` on Ray Data) cannot run there. This script calls the same library
+functions in-process (`fit_two_stage`, `Purifier.purify`, `train_classifier`) and writes cells in matrix.py's
+format. Two phases:
+
+- probe: alone on the GPU, a few hundred steps of each model (paper D-VAE train steps in bf16 and fp32, purify,
+  ResNet-18 train steps): the throughput figures, and a smoke test of every GPU code path before the long jobs.
+- jobs: one process per cell, all at once on the one GPU: `dvae` (fit -> purify -> classify) and, as far as the
+  probe says they fit in --budget-s, `none` (poisoned), `clean`, `jpeg10`, `grayscale`. If the paper's 60+60
+  D-VAE epochs alone do not fit the budget, the D-VAE gets fewer epochs, said in its cell (`dvae_epochs`).
+
+Everything lands in OUT as it happens (a killed run keeps what finished): results.jsonl (probe, progress and
+cell records), jobs.log, samples.npz (a few clean / poisoned / purified images for the grid), checkpoint/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from purify_pipeline import DVAEConfig, poisons, psnr, retention, shards  # noqa: E402
+from purify_pipeline.classifiers import ClassifierConfig  # noqa: E402
+from purify_pipeline.defenses import apply_defense  # noqa: E402
+from purify_pipeline.models import DVAE  # noqa: E402
+from purify_pipeline.purifier import Purifier, fit_two_stage  # noqa: E402
+from purify_pipeline.train import fit_stage  # noqa: E402
+from purify_pipeline.train_classifier import train_classifier  # noqa: E402
+
+DEFENSES = {"jpeg10": ("jpeg", {"quality": 10}), "grayscale": ("grayscale", {}), "bdr": ("bdr", {"bits": 2})}
+PAPER_EPOCHS = 60
+
+
+def emit(out: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line to OUT/results.jsonl (small O_APPEND writes: safe from several processes)."""
+    record = {"t": round(time.time(), 1), **record}
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record)[:400], flush=True)
+
+
+def facts(device: str) -> dict[str, Any]:
+    f: dict[str, Any] = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+                         "device": device, "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+    if device.startswith("cuda"):
+        f["gpu"] = torch.cuda.get_device_name(0)
+    return f
+
+
+def clf_config(args: argparse.Namespace) -> ClassifierConfig:
+    if args.smoke:
+        return ClassifierConfig.preset("paper", epochs=1, width=8)
+    return ClassifierConfig.preset("paper") if args.clf_epochs == PAPER_EPOCHS else \
+        ClassifierConfig.preset("paper", epochs=args.clf_epochs)
+
+
+def dvae_config(epochs: int, smoke: bool) -> DVAEConfig:
+    if smoke:
+        return DVAEConfig.preset("paper", width=8, latent_channels=32, epochs=1)
+    return DVAEConfig.preset("paper") if epochs == PAPER_EPOCHS else DVAEConfig.preset("paper", epochs=epochs)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def prepare(args: argparse.Namespace, work: Path, out: Path) -> None:
+    """Clean train/test arrays and the poisoned training set, as .npz files the job processes read."""
+    limit = 1024 if args.smoke else args.limit
+    t0 = time.perf_counter()
+    train = shards.load_arrays(str(Path(args.data) / "train-*.tar"), show_progress=False)
+    test = shards.load_arrays(str(Path(args.data) / "test-*.tar"), show_progress=False)
+    if limit:
+        train = shards.ShardArrays(train.images[:limit], train.labels[:limit], train.keys[:limit], train.urls[:limit])
+        test = shards.ShardArrays(test.images[:limit], test.labels[:limit], test.keys[:limit], test.urls[:limit])
+    t_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    p = poisons.fit(args.poison, train.images, train.labels, num_classes=10, seed=0, sample_ids=train.keys,
+                    progress=False)
+    poisoned = p.apply(train.images, train.labels, sample_ids=train.keys)
+    t_poison = time.perf_counter() - t0
+    np.savez(work / "data.npz", clean=train.images, labels=train.labels, poisoned=poisoned,
+             test=test.images, test_labels=test.labels)
+    emit(out, {"kind": "data", "train": len(train.images), "test": len(test.images), "load_s": t_load,
+               "poison": args.poison, "poison_s": t_poison, "poisoned_psnr": psnr(poisoned, train.images)})
+
+
+def load(work: Path) -> dict[str, np.ndarray]:
+    z = np.load(work / "data.npz")
+    return {k: z[k] for k in z.files}
+
+
+# ---------------------------------------------------------------------------------------------- probe
+def probe(args: argparse.Namespace, d: dict[str, np.ndarray], out: Path) -> dict[str, float]:
+    """Throughput of each model alone on the device (warm epoch after a warm-up epoch); smoke-tests the paths."""
+    dev, n = args.device, min(len(d["poisoned"]), 256 if args.smoke else 5120)
+    x, y = d["poisoned"][:n], d["labels"][:n]
+    cfg = dvae_config(PAPER_EPOCHS, args.smoke)
+    res: dict[str, float] = {}
+    for name, amp in (("dvae_train_bf16_img_s", torch.bfloat16), ("dvae_train_fp32_img_s", None)):
+        torch.manual_seed(0)
+        m = DVAE(cfg)
+        h = fit_stage(m, x, y, tau=cfg.tau1, epochs=2, cfg=cfg, device=dev, progress=False, autocast_dtype=amp)
+        res[name] = h[-1]["samples_per_s"]
+    pur = Purifier(m, DVAE(cfg), device=dev)
+    for bs in (256, 1024):
+        pur.purify(x[:bs], y[:bs], batch_size=bs)  # warm-up
+        t0 = time.perf_counter()
+        reps = max(1, n // bs)
+        for _ in range(reps):
+            pur.purify(x[:bs], y[:bs], batch_size=bs)
+        res[f"purify_numpy_b{bs}_img_s"] = reps * bs / (time.perf_counter() - t0)
+    xt = torch.from_numpy(x[:1024]).permute(0, 3, 1, 2).float().div(255).to(dev)
+    yt = torch.from_numpy(y[:1024]).long().to(dev)
+    for label, amp in (("fp32", False), ("bf16", True)):
+        with torch.no_grad(), torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=amp):
+            pur.purify_torch(xt, yt, generator=torch.Generator(device=dev).manual_seed(0))
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                pur.purify_torch(xt, yt, generator=torch.Generator(device=dev).manual_seed(0))
+            if dev.startswith("cuda"):
+                torch.cuda.synchronize()
+        res[f"purify_torch_b1024_{label}_img_s"] = 10 * len(xt) / (time.perf_counter() - t0)
+    ccfg = ClassifierConfig.preset("paper", epochs=2, width=8 if args.smoke else 64)
+    r = train_classifier(x, y, d["test"][:1000], d["test_labels"][:1000], ccfg, device=dev, bf16=True,
+                         progress_bar=False)
+    res["resnet18_train_bf16_img_s"] = n / r["history"][-1]["epoch_seconds"]
+    emit(out, {"kind": "probe", **res})
+    return res
+
+
+def plan(args: argparse.Namespace, pr: dict[str, float], n: int) -> tuple[int, list[str]]:
+    """D-VAE epochs and jobs that fit --budget-s, counting GPU work as serial (processes time-slice one GPU).
+
+    Priority: the D-VAE cell at the paper's 60+60 epochs, then `none`, `clean`, `jpeg10`, `grayscale`; the D-VAE
+    gets fewer epochs only if it alone (fit + its classifier) would not fit.
+    """
+    clf_s = args.clf_epochs * n / pr["resnet18_train_bf16_img_s"]
+    epoch_s = 2 * n / pr["dvae_train_bf16_img_s"]  # one epoch of each stage
+    spare = args.budget_s - clf_s
+    epochs = PAPER_EPOCHS if spare >= PAPER_EPOCHS * epoch_s else max(5, int(spare // epoch_s))
+    jobs = ["dvae"]
+    for extra in ("none", "clean", "jpeg10", "grayscale"):
+        if epochs * epoch_s + (len(jobs) + 1) * clf_s <= args.budget_s:
+            jobs.append(extra)
+    emit(out_dir(args), {"kind": "plan", "clf_s_est": clf_s, "dvae_fit_s_est": epochs * epoch_s,
+                         "dvae_epochs": epochs, "jobs": jobs, "budget_s": args.budget_s})
+    return epochs, jobs
+
+
+def out_dir(args: argparse.Namespace) -> Path:
+    return Path(args.out)
+
+
+# ----------------------------------------------------------------------------------------------- jobs
+def classify(args: argparse.Namespace, d: dict[str, np.ndarray], x: np.ndarray, defense: str, out: Path,
+             extra: dict[str, Any] | None = None) -> None:  # fmt: skip
+    cfg = clf_config(args)
+
+    def tick(epoch: int, m: dict[str, Any], _model: Any) -> None:
+        if (epoch + 1) % 10 == 0 or epoch == 0:
+            emit(out, {"kind": "progress", "job": defense, "epoch": epoch + 1, "train_acc": m["train_acc"],
+                       "test_acc": m.get("test_acc"), "epoch_seconds": m["epoch_seconds"]})
+
+    poison = "clean" if defense == "clean" else args.poison
+    r = train_classifier(x, d["labels"], d["test"], d["test_labels"], cfg, seed=args.seed, device=args.device,
+                         bf16=True, progress_bar=False, on_epoch_end=tick)  # fmt: skip
+    delta = (d["poisoned"].astype(np.float64) - d["clean"]) / 255.0
+    cell = {"kind": "cell", "tier": "paper", "poison": poison, "defense": "none" if defense == "clean" else defense,
+            "seed": args.seed, "test_acc": 100.0 * r["test_acc"], "train_seconds": r["train_seconds"],
+            "classifier_epochs": cfg.epochs, "bf16": True, "train_images": len(x), "device": args.device,
+            "psnr_vs_clean": psnr(x, d["clean"]) if defense != "clean" else None,
+            "retention": retention(x, d["clean"], delta) if defense != "clean" else None, **(extra or {})}  # fmt: skip
+    emit(out, cell)
+
+
+def job(args: argparse.Namespace) -> None:
+    torch.set_num_threads(3)
+    torch.backends.cudnn.benchmark = True
+    out, work = Path(args.out), Path(args.work)
+    d = load(work)
+    name = args.job
+    if name == "clean":
+        classify(args, d, d["clean"], "clean", out)
+    elif name == "none":
+        classify(args, d, d["poisoned"], "none", out)
+    elif name in DEFENSES:
+        kind, kw = DEFENSES[name]
+        classify(args, d, apply_defense(kind, d["poisoned"], **kw), name, out)
+    elif name == "dvae":
+        cfg = dvae_config(args.dvae_epochs, args.smoke)
+        t0 = time.perf_counter()
+        pur = fit_two_stage(d["poisoned"], d["labels"], cfg, device=args.device, progress=False, bf16=True)
+        fit_s = time.perf_counter() - t0
+        hist = {k: [{m: round(float(e[m]), 5) for m in ("loss", "kl", "seconds") if m in e} for e in v]
+                for k, v in pur.metrics.items()}  # fmt: skip
+        pur.save(out / "checkpoint")  # safetensors + config.json (1.2 M parameters per stage at the paper width)
+        t0 = time.perf_counter()
+        x = pur.purify(d["poisoned"], d["labels"], mode="sample", seed=0, batch_size=1024)
+        purify_s = time.perf_counter() - t0
+        n = len(x)
+        emit(out, {"kind": "dvae_fit", "preset": cfg.preset_name, "epochs": cfg.epochs, "fit_s": fit_s,
+                   "fit_img_s": n * (cfg.epochs + cfg.stage2_epochs) / fit_s, "purify_s": purify_s,
+                   "purify_img_s": n / purify_s, "history": hist})  # fmt: skip
+        k = 8
+        np.savez(out / "samples.npz", clean=d["clean"][:k], poisoned=d["poisoned"][:k], dvae=x[:k],
+                 stage1=pur.purify(d["poisoned"][:k], d["labels"][:k], stages=1))
+        classify(args, d, x, "dvae", out, extra={"dvae_preset": cfg.preset_name, "dvae_epochs": cfg.epochs,
+                                                 "dvae_fit_s": fit_s, "dvae_bf16": True})
+    else:
+        raise SystemExit(f"unknown job {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default=None, help="scratch dir for arrays and the checkpoint (default OUT/../work)")
+    ap.add_argument("--poison", default="lsp")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clf-epochs", type=int, default=PAPER_EPOCHS)
+    ap.add_argument("--dvae-epochs", type=int, default=None, help="default: the paper's 60, fewer if over budget")
+    ap.add_argument("--jobs", nargs="+", default=None, help="default: chosen by the probe to fit --budget-s")
+    ap.add_argument("--budget-s", type=float, default=420.0)
+    ap.add_argument("--smoke", action="store_true", help="1k images, tiny widths, 1 epoch: every code path")
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    args.work = args.work or str(out.parent / (out.name + "-work"))
+    out.mkdir(parents=True, exist_ok=True)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    if args.job:
+        return job(args)
+
+    t_start = time.perf_counter()
+    emit(out, {"kind": "facts", **facts(args.device)})
+    prepare(args, Path(args.work), out)
+    d = load(Path(args.work))
+    pr = probe(args, d, out)
+    epochs, jobs = plan(args, pr, len(d["clean"]))
+    args.dvae_epochs = args.dvae_epochs or epochs
+    jobs = args.jobs or jobs
+    del d
+    procs = []
+    with open(out / "jobs.log", "a") as log:
+        for name in jobs:
+            cmd = [sys.executable, __file__, "--job", name, "--out", str(out), "--work", args.work, "--data", args.data,
+                   "--poison", args.poison, "--device", args.device, "--seed", str(args.seed),
+                   "--clf-epochs", str(args.clf_epochs), "--dvae-epochs", str(args.dvae_epochs)]  # fmt: skip
+            if args.smoke:
+                cmd.append("--smoke")
+            procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
+        codes = {name: p.wait() for name, p in procs}
+    emit(out, {"kind": "done", "exit_codes": codes, "total_s": time.perf_counter() - t_start})
+    if any(codes.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
