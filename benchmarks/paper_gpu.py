@@ -2,6 +2,8 @@
 
     python benchmarks/paper_gpu.py --data DIR/cifar10 --out OUT --poison lsp --budget-s 420
     python benchmarks/paper_gpu.py --smoke --device cpu --out /tmp/smoke     # every code path in a minute
+    python benchmarks/paper_gpu.py --report RUN1/results.jsonl RUN2/results.jsonl --samples RUN1/samples.npz
+                                          # -> benchmarks/results/paper/ (matrix.json/md, accuracy.png, grid-lsp.png)
 
 Why not matrix.py: the GPU machine lent to sessions has PyTorch but no Ray, so matrix.py's product path
 (`fit_purifier` on Ray Train, `purify_shards` on Ray Data) cannot run there. This script calls the same library
@@ -228,11 +230,89 @@ def job(args: argparse.Namespace) -> None:
         raise SystemExit(f"unknown job {name!r}")
 
 
+# --------------------------------------------------------------------------------------------- report
+PAPER_REF = {"clean": "94–95", ("lsp", "none"): "13–19", ("lsp", "dvae"): "90.0", ("lsp", "jpeg10"): "80–83",
+             ("lsp", "grayscale"): "65–82", ("em", "none"): "21", ("em", "dvae"): "88.8"}  # METHOD.md
+
+
+def report(runs: list[Path], samples: Path | None, out: Path) -> None:
+    """benchmarks/results/paper/ from the results.jsonl files of device runs (copied to out/raw/ too)."""
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _plots import save_image_grid
+    from matrix import report as matrix_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "raw").mkdir(exist_ok=True)
+    cells, probes, fits, runs_meta = [], [], [], []
+    for i, f in enumerate(runs, 1):
+        recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        shutil.copyfile(f, out / "raw" / f"run{i}.jsonl")
+        fact = next(r for r in recs if r["kind"] == "facts")
+        runs_meta.append({"run": i, "command": fact["command"], "gpu": fact.get("gpu"), "torch": fact["torch"],
+                          "cpu_count": fact["cpu_count"], "plan": next((r for r in recs if r["kind"] == "plan"), None),
+                          "total_s": next((r["total_s"] for r in recs if r["kind"] == "done"), None),
+                          "ran": next((list(r["exit_codes"]) for r in recs if r["kind"] == "done"), None)})  # fmt: skip
+        cells += [{**r, "run": i} for r in recs if r["kind"] == "cell"]
+        probes += [{**r, "run": i} for r in recs if r["kind"] == "probe"]
+        fits += [{**r, "run": i} for r in recs if r["kind"] == "dvae_fit"]
+    for c in cells:  # one column per D-VAE schedule, so a shortened fit is never read as the paper's
+        if c["defense"] == "dvae" and c.get("dvae_epochs") != PAPER_EPOCHS:
+            c["defense"] = f"dvae-ep{c['dvae_epochs']}"
+    first = runs_meta[0]
+    facts_ = {"cpu_count": first["cpu_count"], "torch": first["torch"], "ray": "not used (in-process; no Ray on "
+              "the GPU machine)", "device": f"cuda ({first['gpu']})",
+              "command": " ; ".join(r["command"] for r in runs_meta)}  # fmt: skip
+    total = sum(r["total_s"] or 0 for r in runs_meta)
+    matrix_report(out, cells, facts_, "paper", total, extra={"runs": runs_meta, "probes": probes, "dvae_fits": fits,
+                                                              "paper_reference": {str(k): v for k, v in PAPER_REF.items()}})  # fmt: skip
+    md = [(out / "matrix.md").read_text(), "## Paper reference (METHOD.md, ResNet-18 on CIFAR-10)", "",
+          "| cell | paper | here |", "|---|---|---|"]
+    here = {(c["poison"], c["defense"]): c["test_acc"] for c in cells}
+    for k, v in PAPER_REF.items():
+        key = ("clean", "none") if k == "clean" else k
+        got, note = here.get(key), ""
+        if got is None and key[1] == "dvae":  # a shortened fit, labelled as such
+            d_, got = next(((d, a) for (p, d), a in here.items() if p == key[0] and d.startswith("dvae-")), (None, None))
+            note = f" (`{d_}`: D-VAE {d_.removeprefix('dvae-ep')}+{d_.removeprefix('dvae-ep')} epochs, not 60+60)" if d_ else ""
+        md.append(f"| {' / '.join(key)} | {v} | {'—' if got is None else f'{got:.1f}'}{note} |")
+    md += ["", "## Throughput on the GPU (alone on it; img/s)", "", "| run | " + " | ".join(
+        k.removesuffix("_img_s") for k in probes[0] if k.endswith("_img_s")) + " |",
+           "|---|" + "---|" * sum(k.endswith("_img_s") for k in probes[0])]  # fmt: skip
+    for p in probes:
+        md.append(f"| {p['run']} | " + " | ".join(f"{v:,.0f}" for k, v in p.items() if k.endswith("_img_s")) + " |")
+    md += ["", "Plans (the probe's estimates -> D-VAE epochs and jobs within --budget-s; --jobs / --dvae-epochs "
+           "override them) and what ran:", ""]
+    for r in runs_meta:
+        pl = r["plan"] or {}
+        md.append(f"- run {r['run']}: ResNet-18 run est. {pl.get('clf_s_est', 0):.0f} s, D-VAE fit est. "
+                  f"{pl.get('dvae_fit_s_est', 0):.0f} s -> {pl.get('dvae_epochs')} epochs, jobs {pl.get('jobs')}; "
+                  f"ran {r['ran']}; wall {r['total_s'] or 0:.0f} s; `{r['command']}`")  # fmt: skip
+    md += ["", "D-VAE fits (both stages, bf16 autocast, while sharing the GPU with nothing else):", ""]
+    for f in fits:
+        md.append(f"- run {f['run']}: preset `{f['preset']}`, {f['epochs']}+{f['epochs']} epochs on 50,000 images in "
+                  f"{f['fit_s']:.0f} s ({f['fit_img_s']:,.0f} img/s); purified 50,000 in {f['purify_s']:.1f} s "
+                  f"({f['purify_img_s']:,.0f} img/s, numpy in / out)")  # fmt: skip
+    (out / "matrix.md").write_text("\n".join(md) + "\n")
+    if samples is not None:
+        z = np.load(samples)
+        k = min(6, len(z["clean"]))
+        rows = [("clean", z["clean"][:k]), ("poisoned", z["poisoned"][:k]), ("D-VAE stage 1", z["stage1"][:k]),
+                ("D-VAE", z["dvae"][:k])]  # fmt: skip
+        rows += [(f"{n} - clean (x8, grey = 0)", np.clip(128 + 8 * (z[n][:k].astype(int) - z["clean"][:k]), 0, 255)
+                  .astype(np.uint8)) for n in ("poisoned", "dvae")]  # fmt: skip
+        save_image_grid(out / "grid-lsp.png", rows)
+    print((out / "matrix.md").read_text())
+
+
 # ---------------------------------------------------------------------------------------------- driver
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"))
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", default=None, help="run: where results land; --report: default benchmarks/results/paper")
+    ap.add_argument("--report", nargs="+", type=Path, help="build the committed results from these results.jsonl")
+    ap.add_argument("--samples", type=Path, help="with --report: a samples.npz for the image grid")
     ap.add_argument("--work", default=None, help="scratch dir for arrays and the checkpoint (default OUT/../work)")
     ap.add_argument("--poison", default="lsp")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -245,6 +325,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="1k images, tiny widths, 1 epoch: every code path")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.report:
+        return report(args.report, args.samples, Path(args.out or REPO / "benchmarks" / "results" / "paper"))
+    if not args.out:
+        ap.error("--out is required")
     out = Path(args.out)
     args.work = args.work or str(out.parent / (out.name + "-work"))
     out.mkdir(parents=True, exist_ok=True)
@@ -253,6 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         return job(args)
 
     t_start = time.perf_counter()
+    torch.backends.cudnn.benchmark = True  # as in the jobs, so the probe measures what they will see
     emit(out, {"kind": "facts", **facts(args.device)})
     prepare(args, Path(args.work), out)
     d = load(Path(args.work))

@@ -131,6 +131,15 @@ def _display(url: str, fs: Any, path: str) -> str:
     return path
 
 
+def _braces(pattern: str) -> list[str]:
+    """``a-{0..2}.tar`` -> three names; braceexpand (a webdataset dependency) is imported only when needed."""
+    if "{" not in pattern:
+        return [pattern]
+    from braceexpand import braceexpand
+
+    return list(braceexpand(pattern))
+
+
 def expand(
     urls: str | os.PathLike | Sequence[str | os.PathLike],
     *,
@@ -140,14 +149,12 @@ def expand(
     """Shard URLs from brace patterns (``a-{000000..000009}.tar``), globs, directories (their ``*.tar``)
     or plain paths/URLs; sorted, de-duplicated. Raises FileNotFoundError when a pattern matches nothing
     or a named shard does not exist."""
-    from braceexpand import braceexpand  # dependency of webdataset
-
     items = [urls] if isinstance(urls, (str, os.PathLike)) else list(urls)
     if not items:
         raise FileNotFoundError("no shard URLs given")
     out: set[str] = set()
     for item in items:
-        for url in braceexpand(os.fspath(item)):
+        for url in _braces(os.fspath(item)):
             fs, path = fs_path(url, storage_options, filesystem)
             if any(c in path for c in "*?["):
                 found = [p for p in fs.glob(path) if not fs.isdir(p)]

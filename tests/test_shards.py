@@ -41,6 +41,18 @@ def test_expand_braces_globs_dirs(cifar10_dir):
         shards.expand(f"{d}/nope-*.tar")
 
 
+def test_expand_globs_without_braceexpand(cifar10_dir, monkeypatch):
+    """Globs and plain paths need no braceexpand (a bare PyTorch machine, e.g. the lent GPU, lacks it)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "braceexpand", None)  # import braceexpand -> ImportError
+    d = str(cifar10_dir)
+    assert len(shards.expand(f"{d}/train-*.tar")) == 50
+    assert shards.expand(f"{d}/test-000003.tar") == [f"{d}/test-000003.tar"]
+    with pytest.raises(ImportError):
+        shards.expand(f"{d}/train-{{000000..000001}}.tar")
+
+
 def test_iter_samples_cifar(cifar10_dir):
     url = str(cifar10_dir / "train-000000.tar")
     samples = list(shards.iter_samples(url))
