@@ -1,0 +1,39 @@
+"""benchmarks/paper_gpu.py, the GPU paper-tier script, kept from rotting between GPU sessions: its smoke mode
+runs every code path on the CPU (tiny widths, 1k images, one epoch), then --report builds the results."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "paper_gpu.py"
+
+
+def test_paper_gpu_smoke_and_report(cifar10_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--data", str(cifar10_dir),
+                          "--out", str(out), "--jobs", "dvae", "none"], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + (out / "jobs.log").read_text()[-2000:]
+    recs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in recs]
+    assert kinds[:4] == ["facts", "data", "probe", "plan"] and kinds[-1] == "done"
+    assert recs[-1]["exit_codes"] == {"dvae": 0, "none": 0}
+    cells = {r["defense"]: r for r in recs if r["kind"] == "cell"}
+    assert set(cells) == {"dvae", "none"}
+    assert cells["none"]["retention"] == 1.0  # the poisoned set is the poison, exactly
+    assert cells["dvae"]["retention"] < 1.0 and cells["dvae"]["train_images"] == 1024
+    assert all(v > 0 for k, v in next(r for r in recs if r["kind"] == "probe").items() if k.endswith("_img_s"))
+    assert {p.name for p in (out / "checkpoint").iterdir()} == {"model.safetensors", "config.json"}
+    z = np.load(out / "samples.npz")
+    assert z["dvae"].shape == z["clean"].shape and z["dvae"].dtype == np.uint8
+
+    rep = subprocess.run([sys.executable, str(SCRIPT), "--report", str(out / "results.jsonl"), "--samples",
+                          str(out / "samples.npz"), "--out", str(tmp_path / "report")], capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    md = (tmp_path / "report" / "matrix.md").read_text()
+    assert "| lsp | " in md and "dvae-ep1" in md  # the 1-epoch smoke fit never poses as the paper's 60
+    assert {"matrix.json", "accuracy.png", "grid-lsp.png"} <= {p.name for p in (tmp_path / "report").iterdir()}
