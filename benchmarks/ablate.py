@@ -3,12 +3,15 @@
     python benchmarks/ablate.py screen --poisons lsp --variants base bs32 ep30 tau2-1.5 pclass1  # 2k-image fits
     python benchmarks/ablate.py outputs --poisons lsp ar ops em    # x1 / x2' / x̂2 of the matrix's 10k fits
     python benchmarks/ablate.py refit2 --poisons em --variants bs32 # the matrix's stage 1, stage 2 refit
+    python benchmarks/ablate.py checkpoint --poisons lsp --path CKPT --label paper-h200-50k-ep5 --precision bf16
     python benchmarks/ablate.py --report-only                       # rebuild the tables from the cache
 
 `screen` fits both D-VAE stages in-process (`fit_two_stage`) on the first --images poisoned training images of
 the cpu-mini tier (class-balanced shards; the poisoned sets come from the accuracy matrix's cache, made if
 missing), one variant = the `cpu` preset plus the overrides in VARIANTS. `outputs` re-uses the matrix's 10k
-`fit_purifier` checkpoints; `refit2` keeps their stage 1 and refits stage 2 alone with a variant. Every cell measures, for each output taken:
+`fit_purifier` checkpoints; `refit2` keeps their stage 1 and refits stage 2 alone with a variant; `checkpoint`
+measures any saved purifier (e.g. a `paper` fit on all 50k images from a GPU, benchmarks/paper_gpu.py) on the
+same 10k images and classifier, so fits of other scales land in the same table. Every cell measures, for each output taken:
 x1 = x - p̂1 (stage 1), x2' = x1 - p̂2, x̂2 = D2(x2') (the paper's output; "mean" = z = mu, "final" = the
 product's sampled purification), the poison retention r and PSNR against the clean images, and for the
 outputs in --classify the fast classifier's clean test accuracy (all 10k test images) when trained on them.
@@ -216,6 +219,27 @@ def outputs_of_matrix_fit(cache: Path, poison: str, args, test: Any) -> None:
     _write_cell(cache, f"outputs__{tag}", cell)
 
 
+def outputs_of_checkpoint(cache: Path, poison: str, args, test: Any) -> None:
+    """Every output of a saved purifier on the cpu-mini 10k poisoned images (it must have been fit on them,
+    or on a superset such as all 50k poisoned training images)."""
+    if not args.path or not args.label:
+        raise SystemExit("checkpoint needs --path CKPT and --label NAME")
+    n = 10_000
+    clean, labels, poisoned, delta = _arrays(Path(args.data), args.matrix_cache, poison, n)
+    pur = Purifier.load(str(args.path))
+    meta = json.loads((Path(args.path) / "config.json").read_text())
+    tag = f"{poison}__n{n}__{args.label}"
+    cell = {"kind": "outputs", "poison": poison, "variant": args.label, "images": n, "checkpoint": str(args.path),
+            "checkpoint_fingerprint": pur.fingerprint, "config": pur.cfg.to_dict(),
+            "fit_epochs": {k: len(v) for k, v in (meta.get("metrics") or {}).items()}, "precision": args.precision,
+            "fit_seconds": sum(e.get("seconds", 0.0) for h in (meta.get("metrics") or {}).values() for e in h),
+            "steps_per_stage": sum(e.get("samples", 0) for e in (meta.get("metrics") or {}).get("stage1", []))
+            // pur.cfg.batch_size_for(1),
+            "results": _measure(cache, tag, _outputs(pur, clean, poisoned, labels), clean, labels, delta, test,
+                                args.classify, args.seeds)}  # fmt: skip
+    _write_cell(cache, f"outputs__{tag}", cell)
+
+
 def _fmt(v: dict | None) -> str:
     if not v:
         return "—"
@@ -261,7 +285,9 @@ def report(cache: Path, out: Path, total_s: float | None = None) -> None:
     lines += ["Cells: `matrix-cpu` = the accuracy matrix's `fit_purifier` checkpoint (cpu preset, 10k poisoned images; "
               "fit min = fit + purify through Ray); `s2-<variant>` = that checkpoint's stage 1 with stage 2 refitted "
               "in-process with the variant (fit min = stage 2 alone); screens (other sections) = both stages fitted "
-              "in-process on the first N images.", "",
+              "in-process on the first N images; any other name = `ablate.py checkpoint`: a purifier fit elsewhere "
+              "(its cell's `fit_on` says where; `paper-h200-50k-ep5` = the `paper` preset, 5+5 epochs on all 50k "
+              "poisoned images on a GPU, a superset of these 10k; fit min = its epochs' GPU seconds).", "",
               "Variants: " + "; ".join(f"`{k}` = {v[1]}" for k, v in VARIANTS.items()), ""]  # fmt: skip
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     _plot(out / "ablation.png", cells)
@@ -291,7 +317,7 @@ def _plot(path: Path, cells: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="?", choices=["screen", "outputs", "baselines", "refit2"], default=None)
+    ap.add_argument("what", nargs="?", choices=["screen", "outputs", "baselines", "refit2", "checkpoint"], default=None)
     ap.add_argument("--poisons", nargs="+", default=["lsp"])
     ap.add_argument("--variants", nargs="+", default=["base"], choices=sorted(VARIANTS))
     ap.add_argument("--images", type=int, default=2000)
@@ -304,19 +330,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", default=str(REPO / "benchmarks" / "cache" / "ablate"))
     ap.add_argument("--matrix-cache", type=Path, default=REPO / "benchmarks" / "cache" / "cpu-mini")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ablation"))
+    ap.add_argument("--path", type=Path, help="checkpoint: the purifier directory (model.safetensors + config.json)")
+    ap.add_argument("--label", help="checkpoint: the cell's name in the table")
+    ap.add_argument("--precision", default="?", help="checkpoint: how it was fit (bf16 / fp32), for the table")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     cache, out = Path(args.cache), Path(args.out)
     if not args.report_only:
         if args.what is None:
-            ap.error("choose screen, outputs, baselines or refit2 (or --report-only)")
+            ap.error("choose screen, outputs, baselines, refit2 or checkpoint (or --report-only)")
         test = shards.load_arrays(str(Path(args.data) / TIERS["cpu-mini"]["test"]), show_progress=False)
         for p in args.poisons:
             if args.what == "baselines":
                 baselines(cache, p, args.images, args, test)
             elif args.what == "outputs":
                 outputs_of_matrix_fit(cache, p, args, test)
+            elif args.what == "checkpoint":
+                outputs_of_checkpoint(cache, p, args, test)
             elif args.what == "refit2":
                 for v in args.variants:
                     refit_stage2(cache, p, v, args, test)

@@ -16,6 +16,7 @@ format. Two phases:
   probe says they fit in --budget-s, `none` (poisoned), `clean`, `jpeg10`, `grayscale`. If the paper's 60+60
   D-VAE epochs alone do not fit the budget, the D-VAE gets fewer epochs, said in its cell (`dvae_epochs`).
 
+The shards travel well: `tar czf cifar10.tgz -C DATA_PARENT cifar10` is 20 MB (the tiny JPEGs share headers).
 Everything lands in OUT as it happens (a killed run keeps what finished): results.jsonl (probe, progress and
 cell records), jobs.log, samples.npz (a few clean / poisoned / purified images for the grid), checkpoint/.
 """
