@@ -8,14 +8,20 @@ from typing import Any
 
 
 def machine_facts(device: str = "cpu") -> dict[str, Any]:
-    import ray
     import torch
+
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:  # e.g. a lent GPU machine with PyTorch only (benchmarks/paper_gpu.py)
+        ray_version = "not installed"
 
     facts: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "ray": ray.__version__,
+        "ray": ray_version,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": device,

@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -37,8 +34,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _machine import machine_facts  # noqa: E402
 
 from purify_pipeline import DVAEConfig, poisons, psnr, retention, shards  # noqa: E402
 from purify_pipeline.classifiers import ClassifierConfig  # noqa: E402
@@ -58,14 +57,6 @@ def emit(out: Path, record: dict[str, Any]) -> None:
     with open(out / "results.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record)[:400], flush=True)
-
-
-def facts(device: str) -> dict[str, Any]:
-    f: dict[str, Any] = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-                         "device": device, "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
-    if device.startswith("cuda"):
-        f["gpu"] = torch.cuda.get_device_name(0)
-    return f
 
 
 def clf_config(args: argparse.Namespace) -> ClassifierConfig:
@@ -339,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
 
     t_start = time.perf_counter()
     torch.backends.cudnn.benchmark = True  # as in the jobs, so the probe measures what they will see
-    emit(out, {"kind": "facts", **facts(args.device)})
+    emit(out, {"kind": "facts", **machine_facts(args.device)})
     prepare(args, Path(args.work), out)
     d = load(Path(args.work))
     pr = probe(args, d, out)
