@@ -30,10 +30,22 @@ def test_paper_gpu_smoke_and_report(cifar10_dir: Path, tmp_path: Path) -> None:
     z = np.load(out / "samples.npz")
     assert z["dvae"].shape == z["clean"].shape and z["dvae"].dtype == np.uint8
 
-    rep = subprocess.run([sys.executable, str(SCRIPT), "--report", str(out / "results.jsonl"), "--samples",
-                          str(out / "samples.npz"), "--out", str(tmp_path / "report")], capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
+    # a standalone job (what a second call on a warm GPU machine runs) records its own machine facts
+    out2 = tmp_path / "run2"
+    job = subprocess.run([sys.executable, str(SCRIPT), "--job", "none", "--seed", "1", "--smoke", "--device", "cpu",
+                          "--data", str(cifar10_dir), "--out", str(out2), "--work", str(out) + "-work"],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert job.returncode == 0, job.stderr[-2000:]
+    recs2 = [json.loads(line) for line in (out2 / "results.jsonl").read_text().splitlines()]
+    assert recs2[0]["kind"] == "facts" and "--job" in recs2[0]["command"]
+    assert [r["seed"] for r in recs2 if r["kind"] == "cell"] == [1]
+
+    rep = subprocess.run([sys.executable, str(SCRIPT), "--report", str(out / "results.jsonl"),
+                          str(out2 / "results.jsonl"), "--samples", str(out / "samples.npz"),
+                          "--out", str(tmp_path / "report")], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert rep.returncode == 0, rep.stderr[-2000:]
     md = (tmp_path / "report" / "matrix.md").read_text()
     assert "| lsp | " in md and "dvae-ep1" in md  # the 1-epoch smoke fit never poses as the paper's 60
+    summary = json.loads((tmp_path / "report" / "matrix.json").read_text())["summary"]
+    assert next(s for s in summary if s["poison"] == "lsp" and s["defense"] == "none")["seeds"] == [0, 1]
     assert {"matrix.json", "accuracy.png", "grid-lsp.png"} <= {p.name for p in (tmp_path / "report").iterdir()}
