@@ -8,8 +8,8 @@
 
 `screen` fits both D-VAE stages in-process (`fit_two_stage`) on the first --images poisoned training images of
 the cpu-mini tier (class-balanced shards; the poisoned sets come from the accuracy matrix's cache, made if
-missing), one variant = the `cpu` preset plus the overrides in VARIANTS. `outputs` re-uses the matrix's 10k
-`fit_purifier` checkpoints; `refit2` keeps their stage 1 and refits stage 2 alone with a variant; `checkpoint`
+missing), one variant = the `cpu-v1` preset (`cpu` before this ablation promoted stage 2 at batch 32) plus the
+overrides in VARIANTS. `outputs` re-uses the matrix's 10k `cpu-v1` `fit_purifier` checkpoints; `refit2` keeps their stage 1 and refits stage 2 alone with a variant; `checkpoint`
 measures any saved purifier (e.g. a `paper` fit on all 50k images from a GPU, benchmarks/paper_gpu.py) on the
 same 10k images and classifier, so fits of other scales land in the same table. Every cell measures, for each output taken:
 x1 = x - p̂1 (stage 1), x2' = x1 - p̂2, x̂2 = D2(x2') (the paper's output; "mean" = z = mu, "final" = the
@@ -48,9 +48,9 @@ from purify_pipeline.classifiers import ClassifierConfig  # noqa: E402
 from purify_pipeline.defenses import apply_defense  # noqa: E402
 from purify_pipeline.train_classifier import train_classifier  # noqa: E402
 
-# name -> (DVAEConfig overrides of the `cpu` preset, what the variant asks)
+# name -> (DVAEConfig overrides of the `cpu-v1` preset, what the variant asks)
 VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
-    "base": ({}, "the cpu preset (width 32, 15+15 epochs, batch 128, tau 1/3)"),
+    "base": ({}, "the cpu-v1 preset (width 32, 15+15 epochs, batch 128, tau 1/3)"),
     "bs32": ({"batch_size": 32}, "4x the optimiser steps for the same samples (batch 32)"),
     "ep30": ({"epochs": 30}, "twice the epochs per stage"),
     "tau2-1.5": ({"tau2": 1.5}, "a stage-2 rate target the KL actually reaches (it sits at 2.7-2.95 < 3)"),
@@ -150,7 +150,7 @@ def _write_cell(cache: Path, name: str, cell: dict[str, Any]) -> None:
 def screen(cache: Path, poison: str, variant: str, n: int, args, test: Any) -> None:
     overrides, _ = VARIANTS[variant]
     prec = "bf16" if args.bf16 else "fp32"
-    name = variant if args.preset == "cpu" else f"{args.preset}-{variant}"
+    name = variant if args.preset == "cpu-v1" else f"{args.preset}-{variant}"
     tag = f"{poison}__n{n}__{name}__{prec}"
     clean, labels, poisoned, delta = _arrays(Path(args.data), args.matrix_cache, poison, n)
     pur, fit_s = _cached_fit(cache, tag, lambda: fit_two_stage(poisoned, labels, DVAEConfig.preset(args.preset, **overrides),
@@ -168,7 +168,7 @@ def refit_stage2(cache: Path, poison: str, variant: str, args, test: Any) -> Non
 
     Stage 2 trains on the stage-1 outputs x1 as fit_purifier does (mode cfg.stage1_mode, seed cfg.seed); for
     ar/ops/em stage 1 leaves x1 ≈ x (p̂1 explains ~0 of δ), so the final output is stage 2's work alone."""
-    root = args.matrix_cache / f"dvae-{poison}-cpu" / "checkpoint"
+    root = args.matrix_cache / f"dvae-{poison}-cpu-v1" / "checkpoint"
     if not (root / "config.json").exists():
         print(f"{poison}: no matrix fit at {root} yet; skipped")
         return
@@ -198,9 +198,10 @@ def refit_stage2(cache: Path, poison: str, variant: str, args, test: Any) -> Non
 
 
 def outputs_of_matrix_fit(cache: Path, poison: str, args, test: Any) -> None:
-    root = args.matrix_cache / f"dvae-{poison}-cpu"
+    root = args.matrix_cache / f"dvae-{poison}-cpu-v1"
     if not (root / "checkpoint" / "config.json").exists():
-        print(f"{poison}: no matrix fit at {root} yet (python benchmarks/matrix.py --poisons {poison}); skipped")
+        print(f"{poison}: no matrix fit at {root} yet (python benchmarks/matrix.py --poisons {poison} --defenses dvae "
+              "--dvae-preset cpu-v1); skipped")
         return
     n = 10_000
     clean, labels, poisoned, delta = _arrays(Path(args.data), args.matrix_cache, poison, n)
@@ -211,7 +212,7 @@ def outputs_of_matrix_fit(cache: Path, poison: str, args, test: Any) -> None:
     cell = {"kind": "outputs", "poison": poison, "variant": "matrix-cpu", "images": n, "fit": seconds,
             "steps_per_stage": pur.cfg.steps_per_epoch(n) * pur.cfg.epochs,
             "results": _measure(cache, tag, outs, clean, labels, delta, test, args.classify, args.seeds)}
-    mcells = [json.loads(p.read_text()) for p in (args.matrix_cache / "cells").glob(f"{poison}__dvae__s*.json")]
+    mcells = [json.loads(p.read_text()) for p in (args.matrix_cache / "cells").glob(f"{poison}__dvae-cpu-v1__s*.json")]
     if mcells:
         cell["results"]["final"] = {"retention": mcells[0]["retention"], "psnr": mcells[0]["psnr_vs_clean"],
                                     "acc": [c["test_acc"] for c in sorted(mcells, key=lambda c: c["seed"])],
@@ -282,7 +283,7 @@ def report(cache: Path, out: Path, total_s: float | None = None) -> None:
                          f"| {_fmt(r.get('xhat2_mean'))} | {_fmt(r.get('final'))} "
                          f"| {p1s} |")  # fmt: skip
         lines.append("")
-    lines += ["Cells: `matrix-cpu` = the accuracy matrix's `fit_purifier` checkpoint (cpu preset, 10k poisoned images; "
+    lines += ["Cells: `matrix-cpu` = the accuracy matrix's `fit_purifier` checkpoint (`cpu-v1` preset, the `cpu` preset before this ablation, 10k poisoned images; "
               "fit min = fit + purify through Ray); `s2-<variant>` = that checkpoint's stage 1 with stage 2 refitted "
               "in-process with the variant (fit min = stage 2 alone); screens (other sections) = both stages fitted "
               "in-process on the first N images; any other name = `ablate.py checkpoint`: a purifier fit elsewhere "
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--poisons", nargs="+", default=["lsp"])
     ap.add_argument("--variants", nargs="+", default=["base"], choices=sorted(VARIANTS))
     ap.add_argument("--images", type=int, default=2000)
-    ap.add_argument("--preset", default="cpu", help="the preset the variants override (tiny: a smoke run)")
+    ap.add_argument("--preset", default="cpu-v1", help="the preset the variants override (tiny: a smoke run)")
     ap.add_argument("--classify", nargs="+", default=["final", "x1"], choices=OUTPUTS,
                     help="outputs a classifier is trained on (retention/PSNR are measured for all)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="classifier seeds")

@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "An interrupted fit resumes from its last epoch when re-run with the same arguments.")  # fmt: skip
     p.add_argument("inputs", nargs="+", help="training shards")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--preset", default="cpu", help="paper | cpu | cpu-sharp | small | tiny (default cpu)")
+    p.add_argument("--preset", default="cpu", help="paper | cpu | cpu-v1 | small | tiny (default cpu)")
     p.add_argument("--epochs", type=int, help="epochs per stage (overrides the preset)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="other DVAEConfig field, e.g. width=16")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (0: run the loop in this process)")

@@ -119,11 +119,12 @@ def test_within_class_penalty_is_opt_in_and_measures_image_specific_p_hat():
         DVAEConfig.preset("cpu", p_class_weight=-1.0)
 
 
-def test_cpu_sharp_preset_is_the_cpu_preset_with_stage2_batch_32() -> None:
-    cpu, sharp = DVAEConfig.preset("cpu"), DVAEConfig.preset("cpu-sharp")
-    a, b = cpu.to_dict(), sharp.to_dict()
+def test_cpu_preset_is_cpu_v1_with_stage2_batch_32_and_cpu_sharp_is_its_old_name() -> None:
+    cpu, v1, sharp = DVAEConfig.preset("cpu"), DVAEConfig.preset("cpu-v1"), DVAEConfig.preset("cpu-sharp")
+    a, b = v1.to_dict(), cpu.to_dict()
     assert {k for k in a if a[k] != b[k]} == {"batch_size_stage2", "preset_name"}
-    assert [cpu.batch_size_for(s) for s in (1, 2)] == [128, 128]
-    assert [sharp.batch_size_for(s) for s in (1, 2)] == [128, 32]
+    assert [v1.batch_size_for(s) for s in (1, 2)] == [128, 128]
+    assert [cpu.batch_size_for(s) for s in (1, 2)] == [128, 32]
+    assert {**sharp.to_dict(), "preset_name": "cpu"} == cpu.to_dict()
     with pytest.raises(ValueError, match="batch sizes"):
         DVAEConfig.preset("cpu", batch_size_stage2=0)
