@@ -287,8 +287,9 @@ def report(cache: Path, out: Path, total_s: float | None = None) -> None:
               "fit min = fit + purify through Ray); `s2-<variant>` = that checkpoint's stage 1 with stage 2 refitted "
               "in-process with the variant (fit min = stage 2 alone); screens (other sections) = both stages fitted "
               "in-process on the first N images; any other name = `ablate.py checkpoint`: a purifier fit elsewhere "
-              "(its cell's `fit_on` says where; `paper-h200-50k-ep5` = the `paper` preset, 5+5 epochs on all 50k "
-              "poisoned images on a GPU, a superset of these 10k; fit min = its epochs' GPU seconds).", "",
+              "(its cell's `fit_on` says where; `paper-h200-50k-ep5` / `paper-h100-50k-ep15` = the `paper` preset, "
+              "5+5 / 15+15 epochs on all 50k poisoned images on a GPU, a superset of these 10k; fit min = its epochs' "
+              "GPU seconds).", "",
               "Variants: " + "; ".join(f"`{k}` = {v[1]}" for k, v in VARIANTS.items()), ""]  # fmt: skip
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     _plot(out / "ablation.png", cells)
