@@ -9,7 +9,8 @@
 `screen` fits both D-VAE stages in-process (`fit_two_stage`) on the first --images poisoned training images of
 the cpu-mini tier (class-balanced shards; the poisoned sets come from the accuracy matrix's cache, made if
 missing), one variant = the `cpu-v1` preset (`cpu` before this ablation promoted stage 2 at batch 32) plus the
-overrides in VARIANTS. `outputs` re-uses the matrix's 10k `cpu-v1` `fit_purifier` checkpoints; `refit2` keeps their stage 1 and refits stage 2 alone with a variant; `checkpoint`
+overrides in VARIANTS. `outputs` re-uses the matrix's 10k `cpu-v1` `fit_purifier` checkpoints; `refit2` keeps
+their stage 1 and refits stage 2 alone with a variant; `checkpoint`
 measures any saved purifier (e.g. a `paper` fit on all 50k images from a GPU, benchmarks/paper_gpu.py) on the
 same 10k images and classifier, so fits of other scales land in the same table. Every cell measures, for each output taken:
 x1 = x - p̂1 (stage 1), x2' = x1 - p̂2, x̂2 = D2(x2') (the paper's output; "mean" = z = mu, "final" = the
@@ -283,7 +284,8 @@ def report(cache: Path, out: Path, total_s: float | None = None) -> None:
                          f"| {_fmt(r.get('xhat2_mean'))} | {_fmt(r.get('final'))} "
                          f"| {p1s} |")  # fmt: skip
         lines.append("")
-    lines += ["Cells: `matrix-cpu` = the accuracy matrix's `fit_purifier` checkpoint (`cpu-v1` preset, the `cpu` preset before this ablation, 10k poisoned images; "
+    lines += ["Cells: `matrix-cpu` = the accuracy matrix's `fit_purifier` checkpoint (`cpu-v1` preset, the `cpu` "
+              "preset before this ablation, 10k poisoned images; "
               "fit min = fit + purify through Ray); `s2-<variant>` = that checkpoint's stage 1 with stage 2 refitted "
               "in-process with the variant (fit min = stage 2 alone); screens (other sections) = both stages fitted "
               "in-process on the first N images; any other name = `ablate.py checkpoint`: a purifier fit elsewhere "

@@ -276,10 +276,8 @@ def report(runs: list[Path], samples: Path | None, out: Path) -> None:
                                                               "paper_reference": {str(k): v for k, v in PAPER_REF.items()}})  # fmt: skip
     md = [(out / "matrix.md").read_text(), "## Paper reference (METHOD.md, ResNet-18 on CIFAR-10)", "",
           "| cell | paper | here |", "|---|---|---|"]
-    accs: dict[tuple[str, str], list[float]] = {}
-    for c in cells:
-        accs.setdefault((c["poison"], c["defense"]), []).append(c["test_acc"])
-    here = {k: float(np.mean(v)) for k, v in accs.items()}  # the mean over seeds, as in the matrix
+    summary = json.loads((out / "matrix.json").read_text())["summary"]  # the matrix's mean over seeds
+    here = {(r["poison"], r["defense"]): r["mean"] for r in summary}
     for k, v in PAPER_REF.items():
         key = ("clean", "none") if k == "clean" else k
         got, note = here.get(key), ""
