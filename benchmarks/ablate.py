@@ -53,11 +53,16 @@ from purify_pipeline.train_classifier import train_classifier  # noqa: E402
 VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "base": ({}, "the cpu-v1 preset (width 32, 15+15 epochs, batch 128, tau 1/3)"),
     "bs32": ({"batch_size": 32}, "4x the optimiser steps for the same samples (batch 32)"),
+    "ep15": ({"epochs": 15}, "15 epochs per stage (with --preset paper: the H100's 50k fit, on 10k images)"),
     "ep30": ({"epochs": 30}, "twice the epochs per stage"),
     "tau2-1.5": ({"tau2": 1.5}, "a stage-2 rate target the KL actually reaches (it sits at 2.7-2.95 < 3)"),
     "tau1-0.5": ({"tau1": 0.5}, "a tighter stage-1 rate: blurrier x̂1, more residual for p̂1"),
     "pclass1": ({"p_class_weight": 1.0}, "opt-in within-class variance penalty on p̂ (weight 1)"),
     "pclass10": ({"p_class_weight": 10.0}, "opt-in within-class variance penalty on p̂ (weight 10)"),
+    "tauauto": ({"tau_auto_ratio": 0.8}, "automatic tau: after 1 epoch, each stage's tau = 0.8 x that epoch's KL, so "
+                "the rate hinge binds (opt-in `tau_auto_ratio`)"),
+    "bs32-tauauto": ({"batch_size": 32, "tau_auto_ratio": 0.8}, "`bs32` (the `cpu` preset's stage 2) with automatic "
+                     "tau (0.8 x epoch 1's KL)"),
     "w16": ({"width": 16}, "half the width"),
     "w64": ({"width": 64}, "the paper's width"),
 }
@@ -138,7 +143,18 @@ def _cached_fit(cache: Path, tag: str, fit: Callable[[], Purifier]) -> tuple[Pur
 
 
 def _final_epoch(metrics: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
-    return {s: {k: h[-1][k] for k in ("rec", "rec_p", "kl", "energy") if k in h[-1]} for s, h in metrics.items() if h}
+    return {s: {k: h[-1][k] for k in ("rec", "rec_p", "kl", "energy", "tau") if k in h[-1]} for s, h in metrics.items() if h}
+
+
+def _kl_tau(c: dict[str, Any]) -> str:
+    """Each stage's last-epoch KL and tau, e.g. 's1 1.05 (1) / s2 2.91 (3)'; tau from the overrides if not recorded."""
+    fe, ov = c.get("final_epoch") or {}, c.get("overrides") or {}
+    parts = []
+    for i, s in ((1, "stage1"), (2, "stage2")):
+        if s in fe and "kl" in fe[s]:
+            tau = fe[s].get("tau", ov.get(f"tau{i}", DVAEConfig().tau(i)))
+            parts.append(f"s{i} {fe[s]['kl']:.2f} ({tau:.3g})")
+    return " / ".join(parts)
 
 
 def _write_cell(cache: Path, name: str, cell: dict[str, Any]) -> None:
@@ -267,13 +283,13 @@ def report(cache: Path, out: Path, total_s: float | None = None) -> None:
              "training images and train the classifier on those N.", ""]  # fmt: skip
     for n in sorted({c["images"] for c in cells}):
         group = [c for c in cells if c["images"] == n]
-        lines += [f"## {n} training images", "", "| poison | cell | precision | fit min | steps/stage | x1 | x2′ | x̂2 (mean z) | final | p̂1 explains δ |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"## {n} training images", "", "| poison | cell | precision | fit min | steps/stage | x1 | x2′ | x̂2 (mean z) | final | p̂1 explains δ "
+                  "| last KL (τ) |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for c in sorted(group, key=lambda c: (c["poison"], c["kind"], c.get("variant", ""))):
             r = c["results"]
             if c["kind"] == "baseline":
                 lines.append(f"| {c['poison']} | baselines: clean {_fmt(r['clean'])}, none {_fmt(r['none'])}, "
-                             f"JPEG-10 {_fmt(r['jpeg10'])}, grayscale {_fmt(r['grayscale'])} | | | | | | | | |")  # fmt: skip
+                             f"JPEG-10 {_fmt(r['jpeg10'])}, grayscale {_fmt(r['grayscale'])} | | | | | | | | | |")  # fmt: skip
                 continue
             fit_min = (c.get("fit_seconds") or (c.get("fit") or {}).get("fit_and_purify_s") or 0) / 60
             p1 = r.get("p1_vs_delta")
@@ -282,7 +298,7 @@ def report(cache: Path, out: Path, total_s: float | None = None) -> None:
             lines.append(f"| {c['poison']} | {c['variant']} | {prec} "
                          f"| {fit_min:.1f} | {c.get('steps_per_stage', '')} | {_fmt(r.get('x1'))} | {_fmt(r.get('x2p'))} "
                          f"| {_fmt(r.get('xhat2_mean'))} | {_fmt(r.get('final'))} "
-                         f"| {p1s} |")  # fmt: skip
+                         f"| {p1s} | {_kl_tau(c)} |")  # fmt: skip
         lines.append("")
     lines += ["Cells: `matrix-cpu` = the accuracy matrix's `fit_purifier` checkpoint (`cpu-v1` preset, the `cpu` "
               "preset before this ablation, 10k poisoned images; "

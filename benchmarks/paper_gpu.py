@@ -2,6 +2,8 @@
 
     python benchmarks/paper_gpu.py --data DIR/cifar10 --out OUT --poison lsp --budget-s 420
     python benchmarks/paper_gpu.py --smoke --device cpu --out /tmp/smoke     # every code path in a minute
+    python benchmarks/paper_gpu.py ... --poison em --poison-set surrogate=small --poison-set max_rounds=10
+                                          # EM within one short GPU session; the changed settings are recorded
     python benchmarks/paper_gpu.py --report RUN1/results.jsonl RUN2/results.jsonl --samples RUN1/samples.npz
                                           # -> benchmarks/results/paper/ (matrix.json/md, accuracy.png, grid-lsp.png)
 
@@ -23,6 +25,7 @@ cell records), jobs.log, samples.npz (a few clean / poisoned / purified images f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -73,6 +76,26 @@ def dvae_config(epochs: int, smoke: bool) -> DVAEConfig:
 
 
 # ----------------------------------------------------------------------------------------------- data
+def _kv(items: list[str] | None) -> dict[str, Any]:
+    """--poison-set KEY=VALUE pairs; values parsed as JSON where they parse (numbers), else strings."""
+    out: dict[str, Any] = {}
+    for it in items or []:
+        k, sep, v = it.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"--poison-set {it!r} is not KEY=VALUE")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _config_dict(p: Any) -> dict[str, Any]:
+    """The poison's resolved settings (e.g. EM's surrogate and PGD steps once the device has chosen them)."""
+    c = getattr(p, "config", None)
+    return dataclasses.asdict(c) if dataclasses.is_dataclass(c) else {}
+
+
 def prepare(args: argparse.Namespace, work: Path, out: Path) -> None:
     """Clean train/test arrays and the poisoned training set, as .npz files the job processes read."""
     limit = 1024 if args.smoke else args.limit
@@ -84,14 +107,16 @@ def prepare(args: argparse.Namespace, work: Path, out: Path) -> None:
         test = shards.ShardArrays(test.images[:limit], test.labels[:limit], test.keys[:limit], test.urls[:limit])
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
+    budget = _kv(args.poison_set)
     p = poisons.fit(args.poison, train.images, train.labels, num_classes=10, seed=0, sample_ids=train.keys,
-                    progress=False)
+                    progress=False, **budget)  # fmt: skip
     poisoned = p.apply(train.images, train.labels, sample_ids=train.keys)
     t_poison = time.perf_counter() - t0
     np.savez(work / "data.npz", clean=train.images, labels=train.labels, poisoned=poisoned,
              test=test.images, test_labels=test.labels)
     emit(out, {"kind": "data", "train": len(train.images), "test": len(test.images), "load_s": t_load,
-               "poison": args.poison, "poison_s": t_poison, "poisoned_psnr": psnr(poisoned, train.images)})
+               "poison": args.poison, "poison_s": t_poison, "poisoned_psnr": psnr(poisoned, train.images),
+               "poison_overrides": budget, "poison_config": _config_dict(p)})  # fmt: skip
 
 
 def load(work: Path) -> dict[str, np.ndarray]:
@@ -254,8 +279,11 @@ def report(runs: list[Path], samples: Path | None, out: Path) -> None:
         runs_meta.append({"run": i, "command": fact["command"], "gpu": fact.get("gpu"), "torch": fact["torch"],
                           "cpu_count": fact["cpu_count"], "plan": next((r for r in recs if r["kind"] == "plan"), None),
                           "total_s": next((r["total_s"] for r in recs if r["kind"] == "done"), None),
-                          "ran": next((list(r["exit_codes"]) for r in recs if r["kind"] == "done"), None)})  # fmt: skip
-        cells += [{**r, "run": i} for r in recs if r["kind"] == "cell"]
+                          "ran": next((list(r["exit_codes"]) for r in recs if r["kind"] == "done"), None),
+                          "poison_overrides": next((r.get("poison_overrides") for r in recs if r["kind"] == "data"),
+                                                   None)})  # fmt: skip
+        cells += [{**r, "run": i, "poison_overrides": runs_meta[-1]["poison_overrides"]} for r in recs
+                  if r["kind"] == "cell"]  # fmt: skip
         probes += [{**r, "run": i} for r in recs if r["kind"] == "probe"]
         fits += [{**r, "run": i} for r in recs if r["kind"] == "dvae_fit"]
     for c in cells:  # one column per D-VAE schedule, so a shortened fit is never read as the paper's
@@ -302,7 +330,9 @@ def report(runs: list[Path], samples: Path | None, out: Path) -> None:
             continue
         md.append(f"- run {r['run']}: ResNet-18 run est. {pl.get('clf_s_est', 0):.0f} s, D-VAE fit est. "
                   f"{pl.get('dvae_fit_s_est', 0):.0f} s -> {pl.get('dvae_epochs')} epochs, jobs {pl.get('jobs')}; "
-                  f"ran {r['ran']}; wall {r['total_s'] or 0:.0f} s; `{r['command']}`")  # fmt: skip
+                  f"ran {r['ran']}; wall {r['total_s'] or 0:.0f} s; `{r['command']}`"
+                  + (f"; **poison settings changed from the paper's: {r['poison_overrides']}**"
+                     if r.get("poison_overrides") else ""))  # fmt: skip
     md += ["", "D-VAE fits (both stages, bf16 autocast; the jobs of one run share its GPU, so a fit beside "
            "classifier jobs is slower than the probe's figure):", ""]
     for f in fits:
@@ -333,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samples", type=Path, help="with --report: a samples.npz for the image grid")
     ap.add_argument("--work", default=None, help="scratch dir for arrays and the checkpoint (default OUT/../work)")
     ap.add_argument("--poison", default="lsp")
+    ap.add_argument("--poison-set", action="append", metavar="KEY=VALUE",
+                    help="poison budget/config override, e.g. surrogate=small max_rounds=10 for a faster EM (recorded)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)

@@ -49,6 +49,11 @@ class DVAEConfig:
     tau1: float = 1.0
     tau2: float = 3.0
     kl_weight: float = 0.01
+    # opt-in, beyond the paper (0 = off, the hand-set tau1/tau2): automatic tau. After `tau_auto_warmup` epochs
+    # under the hand-set tau, a stage's tau becomes tau_auto_ratio x the KL its last warm-up epoch reached, so the
+    # rate hinge binds whatever the data's natural rate (issue 8: stage 2's KL sits below tau2 = 3 unconstrained)
+    tau_auto_ratio: float = 0.0
+    tau_auto_warmup: int = 1
     # perturbation-energy hinge max(mean(p^2), floor), active when epoch > energy_start_epoch (0-based)
     energy_start_epoch: int = 10
     energy_floor: float = 0.002
@@ -77,6 +82,10 @@ class DVAEConfig:
             raise ValueError(f"p_class_weight must be >= 0, got {self.p_class_weight}")
         if self.tau1 < 0 or self.tau2 < 0:
             raise ValueError("tau1 and tau2 must be >= 0 (nats per latent position)")
+        if not 0.0 <= self.tau_auto_ratio <= 1.0:
+            raise ValueError(f"tau_auto_ratio must be in [0, 1] (0 = off), got {self.tau_auto_ratio}")
+        if self.tau_auto_warmup < 1:
+            raise ValueError(f"tau_auto_warmup must be >= 1 epoch, got {self.tau_auto_warmup}")
         n = self.num_downsample
         if self.image_size % (2**n):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2**downsample = {2**n}")

@@ -181,6 +181,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     restore = sess.restore_dir()
     if restore:
         start, history = _load_state(restore, model, opt, sched)
+        tau = history[-1].get("tau_next", tau) if history else tau  # automatic tau chosen before the crash
     model = sess.prepare(model)
     it = sess.iterator()
     per_worker = max(1, cfg.batch_size_for(stage) // sess.world)  # the global batch stays the stage's batch size

@@ -42,6 +42,15 @@ def array_batches(
         yield torch.from_numpy(images[idx]), torch.from_numpy(labels[idx].astype(np.int64))
 
 
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    """`value` averaged over the DDP ranks (itself outside DDP), so every rank picks the same automatic tau."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / torch.distributed.get_world_size()
+    return float(value)
+
+
 def make_optimizer(model: nn.Module, cfg: DVAEConfig, epochs: int) -> tuple[torch.optim.Optimizer, Any]:
     """Adam + per-epoch cosine annealing over the stage's epochs, as the authors train."""
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -71,7 +80,8 @@ def fit_stage(
     """Train `model` (a DVAE, possibly DDP-wrapped) for epochs [start_epoch, epochs); return per-epoch metrics.
 
     Resuming: pass the restored optimizer/scheduler and `start_epoch`; shuffling and latent noise are seeded per
-    (seed, epoch), so a resumed run sees the same batches and noise as an uninterrupted one.
+    (seed, epoch), so a resumed run sees the same batches and noise as an uninterrupted one. With automatic tau
+    (cfg.tau_auto_ratio > 0) pass the last epoch's `tau_next` as `tau` when resuming after the warm-up.
     """
     cfg = cfg or getattr(model, "module", model).cfg
     if labels is not None:
@@ -95,7 +105,7 @@ def fit_stage(
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
         lr = optimizer.param_groups[0]["lr"]
         sums: dict[str, Tensor] = {}
-        n_seen, step, t0 = 0, 0, time.perf_counter()
+        n_seen, step, hinge_steps, t0 = 0, 0, 0, time.perf_counter()
         bar = _progress(batches(epoch), enabled=progress, total=steps, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False)
         for xb, yb in bar:
             x = to_float_nchw(xb).to(device, non_blocking=True)
@@ -114,6 +124,7 @@ def fit_stage(
             optimizer.step()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v * len(x)
+            hinge_steps = hinge_steps + (terms["kl"] > tau)  # the rate hinge's gradient is on in this step (no sync)
             n_seen, step = n_seen + len(x), step + 1
             if step % 10 == 1:
                 bar.set_postfix(loss=f"{terms['loss'].item():.4f}", kl=f"{terms['kl'].item():.2f}")
@@ -123,7 +134,10 @@ def fit_stage(
         metrics = {k: float(v) / max(n_seen, 1) for k, v in sums.items()}
         metrics.update(epoch=epoch, tau=tau, lr=lr, samples=n_seen, seconds=seconds,
                        samples_per_s=n_seen / seconds if seconds > 0 else 0.0,
-                       kl_above_tau=metrics.get("kl", 0.0) > tau)  # fmt: skip
+                       kl_above_tau=metrics.get("kl", 0.0) > tau, hinge_active=float(hinge_steps) / max(step, 1))  # fmt: skip
+        if cfg.tau_auto_ratio > 0 and epoch == cfg.tau_auto_warmup - 1:
+            tau = cfg.tau_auto_ratio * _mean_over_ranks(metrics.get("kl", 0.0), device)
+        metrics["tau_next"] = tau  # the tau of the next epoch (a resumed run starts from it)
         history.append(metrics)
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)

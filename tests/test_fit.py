@@ -71,7 +71,7 @@ def test_two_worker_fit_gives_a_checkpoint_purify_shards_uses(small_shards, tmp_
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(small_shards, tmp_path, ray_session):
-    cfg = _cfg(epochs=3, epochs_stage2=1)
+    cfg = _cfg(epochs=3, epochs_stage2=1, tau_auto_ratio=0.5)  # the automatic tau chosen in epoch 0 must survive
     kw = dict(preset=cfg, output=str(tmp_path / "ckpt"), num_workers=1, storage_path=str(tmp_path / "runs"),
               run_name="crashy", progress=False)  # fmt: skip
     with pytest.raises(Exception, match="injected failure after epoch 0"):
@@ -81,6 +81,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(small_shards, tmp_path, ray
     fit_purifier(small_shards, **kw)
     hist = _history(run_dir)
     assert [(h["stage"], h["epoch"], h["resumed_from"]) for h in hist] == [(1, 0, 0), (1, 1, 1), (1, 2, 1), (2, 0, 0)]
+    auto_tau = 0.5 * hist[0]["kl"]
+    assert [h["tau"] for h in hist[:3]] == [cfg.tau1, auto_tau, auto_tau] and hist[3]["tau"] == cfg.tau2
     # a finished run is not trained again: re-running only rebuilds the output
     fit_purifier(small_shards, **kw)
     assert len(_history(run_dir)) == 4

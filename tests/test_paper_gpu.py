@@ -49,3 +49,23 @@ def test_paper_gpu_smoke_and_report(cifar10_dir: Path, tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "report" / "matrix.json").read_text())["summary"]
     assert next(s for s in summary if s["poison"] == "lsp" and s["defense"] == "none")["seeds"] == [0, 1]
     assert {"matrix.json", "accuracy.png", "grid-lsp.png"} <= {p.name for p in (tmp_path / "report").iterdir()}
+
+
+def test_paper_gpu_poison_overrides_are_applied_and_recorded(cifar10_dir: Path, tmp_path: Path) -> None:
+    """--poison-set (e.g. a small EM surrogate and a round cap, to fit a GPU session) reaches the poison and the
+    record, so a changed poison never poses as the paper's."""
+    out = tmp_path / "em"
+    run = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--data", str(cifar10_dir),
+                          "--out", str(out), "--jobs", "none", "--poison", "em", "--poison-set", "surrogate=small",
+                          "--poison-set", "max_rounds=1"], capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    recs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    data = next(r for r in recs if r["kind"] == "data")
+    assert data["poison"] == "em" and data["poison_overrides"] == {"surrogate": "small", "max_rounds": 1}
+    assert data["poison_config"]["surrogate"] == "small" and data["poison_config"]["max_rounds"] == 1
+    cell = next(r for r in recs if r["kind"] == "cell")
+    assert cell["poison"] == "em" and cell["retention"] == 1.0
+    rep = subprocess.run([sys.executable, str(SCRIPT), "--report", str(out / "results.jsonl"), "--out",
+                          str(tmp_path / "report")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    assert "poison settings changed from the paper's" in (tmp_path / "report" / "matrix.md").read_text()

@@ -170,6 +170,43 @@ def test_fit_stage_pins_kl_near_tau():
     assert 1.5 < last < 3.0, [round(h["kl"], 2) for h in hist]
 
 
+def test_automatic_tau_binds_the_rate_hinge_after_warmup_and_resumes_identically():
+    """tau_auto_ratio: epoch 0 runs under the hand-set tau (far above the natural KL here, so the hinge is flat);
+    from then on tau = ratio x epoch 0's KL, and the hinge pulls KL down to it. Off by default (the paper)."""
+    assert DVAEConfig.preset("paper").tau_auto_ratio == 0.0
+    r = np.random.default_rng(0)
+    x, y = r.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8), r.integers(0, 2, 256)
+    x = (x // 64 * 64).astype(np.uint8)
+    cfg = DVAEConfig.preset("tiny", num_classes=2, batch_size=32, tau_auto_ratio=0.5)
+    fixed = DVAEConfig.preset("tiny", num_classes=2, batch_size=32)
+    torch.manual_seed(0)
+    a = DVAE(cfg)
+    b, c, d = DVAE(cfg), DVAE(cfg), DVAE(cfg)
+    for m in (b, c, d):
+        m.load_state_dict(a.state_dict())
+    hist = fit_stage(a, x, y, tau=50.0, epochs=25, cfg=cfg, progress=False)
+    free = fit_stage(c, x, y, tau=50.0, epochs=25, cfg=fixed, progress=False)
+    auto_tau = 0.5 * hist[0]["kl"]
+    assert hist[0]["tau"] == 50.0 and not hist[0]["kl_above_tau"] and hist[0]["tau_next"] == auto_tau
+    assert all(h["tau"] == auto_tau for h in hist[1:])
+    assert free[-1]["kl"] > 1.3 * auto_tau  # without the hinge KL stays up ...
+    assert hist[-1]["kl"] < 1.15 * auto_tau, [round(h["kl"], 2) for h in hist]  # ... with it, KL is pulled to tau
+    # the hinge's gradient is on only in steps whose KL is above tau: never without it, sometimes with it
+    assert max(h["hinge_active"] for h in free) == 0.0 and max(h["hinge_active"] for h in hist[1:]) > 0
+    # resume after the warm-up from the recorded tau_next: the same bytes as an uninterrupted run
+    from purify_pipeline.train import make_optimizer
+
+    fit_stage(d, x, y, tau=50.0, epochs=3, cfg=cfg, progress=False)
+    opt, sched = make_optimizer(b, cfg, 3)
+    h1 = fit_stage(b, x, y, tau=50.0, epochs=1, cfg=cfg, progress=False, optimizer=opt, scheduler=sched)
+    fit_stage(b, x, y, tau=h1[-1]["tau_next"], epochs=3, cfg=cfg, progress=False, start_epoch=1, optimizer=opt,
+              scheduler=sched)  # fmt: skip
+    for (k, vd), (_, vb) in zip(d.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(vd, vb), k
+    with pytest.raises(ValueError, match="tau_auto_ratio"):
+        DVAEConfig.preset("cpu", tau_auto_ratio=1.5)
+
+
 def test_fit_two_stage_trains_stage2_on_stage1_outputs(monkeypatch):
     r = np.random.default_rng(0)
     x, y = r.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), r.integers(0, 2, 64)
@@ -209,3 +246,32 @@ def test_fit_two_stage_bf16_on_cpu_is_seeded_and_differs_from_fp32():
     assert a.fingerprint == b.fingerprint != c.fingerprint  # autocast really ran, and is deterministic
     assert all(np.isfinite(h["loss"]) and "p_class_var" in h for h in a.metrics["stage1"])
     assert a.stage1.class_embedding.dtype == torch.float32  # weights stay fp32; only the compute is bf16
+
+
+def _rank_tau(rank: int, port: int, q) -> None:
+    import torch.distributed as dist
+
+    from purify_pipeline.train import _mean_over_ranks
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    q.put((rank, _mean_over_ranks(1.0 + 2.0 * rank, torch.device("cpu"))))
+    dist.destroy_process_group()
+
+
+def test_automatic_tau_is_the_same_on_every_ddp_rank():
+    """Each rank measures its own KL; the automatic tau comes from their mean, so DDP replicas stay identical."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_rank_tau, args=(r, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(q.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert got == {0: 2.0, 1: 2.0}
