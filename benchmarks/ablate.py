@@ -53,7 +53,6 @@ from purify_pipeline.train_classifier import train_classifier  # noqa: E402
 VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "base": ({}, "the cpu-v1 preset (width 32, 15+15 epochs, batch 128, tau 1/3)"),
     "bs32": ({"batch_size": 32}, "4x the optimiser steps for the same samples (batch 32)"),
-    "ep15": ({"epochs": 15}, "15 epochs per stage (with --preset paper: the H100's 50k fit, on 10k images)"),
     "ep30": ({"epochs": 30}, "twice the epochs per stage"),
     "tau2-1.5": ({"tau2": 1.5}, "a stage-2 rate target the KL actually reaches (it sits at 2.7-2.95 < 3)"),
     "tau1-0.5": ({"tau1": 0.5}, "a tighter stage-1 rate: blurrier x̂1, more residual for p̂1"),
@@ -146,6 +145,11 @@ def _final_epoch(metrics: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     return {s: {k: h[-1][k] for k in ("rec", "rec_p", "kl", "energy", "tau") if k in h[-1]} for s, h in metrics.items() if h}
 
 
+def _steps(v: Any) -> str:
+    """Optimiser steps per stage: one number, or 'stage 1 / stage 2' where the stages differ (the `cpu` preset)."""
+    return str(v) if not isinstance(v, list) else (str(v[0]) if v[0] == v[1] else f"{v[0]} / {v[1]}")
+
+
 def _kl_tau(c: dict[str, Any]) -> str:
     """Each stage's last-epoch KL and tau, e.g. 's1 1.05 (1) / s2 2.91 (3)'; tau from the overrides if not recorded."""
     fe, ov = c.get("final_epoch") or {}, c.get("overrides") or {}
@@ -173,7 +177,8 @@ def screen(cache: Path, poison: str, variant: str, n: int, args, test: Any) -> N
     pur, fit_s = _cached_fit(cache, tag, lambda: fit_two_stage(poisoned, labels, DVAEConfig.preset(args.preset, **overrides),
                                                                progress=not args.quiet, bf16=args.bf16))  # fmt: skip
     cell = {"kind": "screen", "poison": poison, "variant": name, "overrides": overrides, "images": n, "precision": prec,
-            "fit_seconds": fit_s, "steps_per_stage": pur.cfg.steps_per_epoch(n) * pur.cfg.epochs,
+            "fit_seconds": fit_s, "steps_per_stage": [max(1, n // pur.cfg.batch_size_for(s)) * pur.cfg.epochs_for(s)
+                                                      for s in (1, 2)],  # fmt: skip
             "final_epoch": _final_epoch(pur.metrics),
             "results": _measure(cache, tag, _outputs(pur, clean, poisoned, labels), clean, labels, delta, test,
                                 args.classify, args.seeds)}  # fmt: skip
@@ -296,15 +301,16 @@ def report(cache: Path, out: Path, total_s: float | None = None) -> None:
             p1s = "" if not p1 else f"{p1['projection']:.2f} (cos {p1['cosine']:.2f})"
             prec = c.get("precision") or ("bf16" if (c.get("fit") or {}).get("bf16") else "fp32")
             lines.append(f"| {c['poison']} | {c['variant']} | {prec} "
-                         f"| {fit_min:.1f} | {c.get('steps_per_stage', '')} | {_fmt(r.get('x1'))} | {_fmt(r.get('x2p'))} "
+                         f"| {fit_min:.1f} | {_steps(c.get('steps_per_stage', ''))} | {_fmt(r.get('x1'))} | {_fmt(r.get('x2p'))} "
                          f"| {_fmt(r.get('xhat2_mean'))} | {_fmt(r.get('final'))} "
                          f"| {p1s} | {_kl_tau(c)} |")  # fmt: skip
         lines.append("")
     lines += ["Cells: `matrix-cpu` = the accuracy matrix's `fit_purifier` checkpoint (`cpu-v1` preset, the `cpu` "
               "preset before this ablation, 10k poisoned images; "
               "fit min = fit + purify through Ray); `s2-<variant>` = that checkpoint's stage 1 with stage 2 refitted "
-              "in-process with the variant (fit min = stage 2 alone); screens (other sections) = both stages fitted "
-              "in-process on the first N images; any other name = `ablate.py checkpoint`: a purifier fit elsewhere "
+              "in-process with the variant (fit min = stage 2 alone); screens = both stages fitted "
+              "in-process on the first N images, `cpu-<variant>` from the `cpu` preset, a bare variant from "
+              "`cpu-v1`; any other name = `ablate.py checkpoint`: a purifier fit elsewhere "
               "(its cell's `fit_on` says where; `paper-h200-50k-ep5` / `paper-h100-50k-ep15` = the `paper` preset, "
               "5+5 / 15+15 epochs on all 50k poisoned images on a GPU, a superset of these 10k; fit min = its epochs' "
               "GPU seconds).", "",

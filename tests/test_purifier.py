@@ -191,8 +191,8 @@ def test_automatic_tau_binds_the_rate_hinge_after_warmup_and_resumes_identically
     assert all(h["tau"] == auto_tau for h in hist[1:])
     assert free[-1]["kl"] > 1.3 * auto_tau  # without the hinge KL stays up ...
     assert hist[-1]["kl"] < 1.15 * auto_tau, [round(h["kl"], 2) for h in hist]  # ... with it, KL is pulled to tau
-    # the hinge's gradient is on only in steps whose KL is above tau: never without it, sometimes with it
-    assert max(h["hinge_active"] for h in free) == 0.0 and max(h["hinge_active"] for h in hist[1:]) > 0
+    # the hinge's gradient is on only in steps whose KL is above tau: never in the warm-up, in some steps after it
+    assert hist[0]["hinge_active"] == 0.0 and max(h["hinge_active"] for h in hist[1:]) > 0
     # resume after the warm-up from the recorded tau_next: the same bytes as an uninterrupted run
     from purify_pipeline.train import make_optimizer
 
