@@ -142,7 +142,7 @@ def _cached_fit(cache: Path, tag: str, fit: Callable[[], Purifier]) -> tuple[Pur
 
 
 def _final_epoch(metrics: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
-    return {s: {k: h[-1][k] for k in ("rec", "rec_p", "kl", "energy", "tau") if k in h[-1]} for s, h in metrics.items() if h}
+    return {s: {k: h[-1][k] for k in ("rec", "rec_p", "kl", "energy", "tau", "hinge_active") if k in h[-1]} for s, h in metrics.items() if h}
 
 
 def _steps(v: Any) -> str:
@@ -157,7 +157,8 @@ def _kl_tau(c: dict[str, Any]) -> str:
     for i, s in ((1, "stage1"), (2, "stage2")):
         if s in fe and "kl" in fe[s]:
             tau = fe[s].get("tau", ov.get(f"tau{i}", DVAEConfig().tau(i)))
-            parts.append(f"s{i} {fe[s]['kl']:.2f} ({tau:.3g})")
+            hinge = f", hinge on in {fe[s]['hinge_active']:.0%} of steps" if "hinge_active" in fe[s] else ""
+            parts.append(f"s{i} {fe[s]['kl']:.2f} ({tau:.3g}{hinge})")
     return " / ".join(parts)
 
 
@@ -289,7 +290,7 @@ def report(cache: Path, out: Path, total_s: float | None = None) -> None:
     for n in sorted({c["images"] for c in cells}):
         group = [c for c in cells if c["images"] == n]
         lines += [f"## {n} training images", "", "| poison | cell | precision | fit min | steps/stage | x1 | x2′ | x̂2 (mean z) | final | p̂1 explains δ "
-                  "| last KL (τ) |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| last epoch's KL (τ) |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for c in sorted(group, key=lambda c: (c["poison"], c["kind"], c.get("variant", ""))):
             r = c["results"]
             if c["kind"] == "baseline":

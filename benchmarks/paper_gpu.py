@@ -43,6 +43,7 @@ import torch  # noqa: E402
 from _machine import machine_facts  # noqa: E402
 
 from purify_pipeline import DVAEConfig, poisons, psnr, retention, shards  # noqa: E402
+from purify_pipeline.cli import CLIError, parse_kv  # noqa: E402
 from purify_pipeline.classifiers import ClassifierConfig  # noqa: E402
 from purify_pipeline.defenses import apply_defense  # noqa: E402
 from purify_pipeline.models import DVAE  # noqa: E402
@@ -76,20 +77,6 @@ def dvae_config(epochs: int, smoke: bool) -> DVAEConfig:
 
 
 # ----------------------------------------------------------------------------------------------- data
-def _kv(items: list[str] | None) -> dict[str, Any]:
-    """--poison-set KEY=VALUE pairs; values parsed as JSON where they parse (numbers), else strings."""
-    out: dict[str, Any] = {}
-    for it in items or []:
-        k, sep, v = it.partition("=")
-        if not sep or not k:
-            raise SystemExit(f"--poison-set {it!r} is not KEY=VALUE")
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
 def _config_dict(p: Any) -> dict[str, Any]:
     """The poison's resolved settings (e.g. EM's surrogate and PGD steps once the device has chosen them)."""
     c = getattr(p, "config", None)
@@ -107,7 +94,10 @@ def prepare(args: argparse.Namespace, work: Path, out: Path) -> None:
         test = shards.ShardArrays(test.images[:limit], test.labels[:limit], test.keys[:limit], test.urls[:limit])
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
-    budget = _kv(args.poison_set)
+    try:
+        budget = parse_kv(args.poison_set)
+    except CLIError as e:
+        raise SystemExit(f"--poison-set: {e}") from None
     p = poisons.fit(args.poison, train.images, train.labels, num_classes=10, seed=0, sample_ids=train.keys,
                     progress=False, **budget)  # fmt: skip
     poisoned = p.apply(train.images, train.labels, sample_ids=train.keys)

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["CLIError", "check_checkpoint", "init_ray", "main"]
+__all__ = ["CLIError", "check_checkpoint", "init_ray", "main", "parse_kv"]
 
 PROG = "purify-pipeline"
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -156,7 +156,7 @@ def check_checkpoint(checkpoint: str, urls: Sequence[str], *, resize: str | None
     return pur
 
 
-def _kv(items: Sequence[str] | None) -> dict[str, Any]:
+def parse_kv(items: Sequence[str] | None) -> dict[str, Any]:
     """``key=value`` options; values parsed as JSON when they parse (numbers, true/false), else strings."""
     out: dict[str, Any] = {}
     for it in items or []:
@@ -192,7 +192,7 @@ def cmd_poison(a: argparse.Namespace) -> int:
 
     urls = _expand(a.inputs)
     _output_free(a.output, a.overwrite)
-    budget = _kv(a.option)
+    budget = parse_kv(a.option)
     init_ray(a.address)
     # poison_shards carries the input manifest's class names over: fit and purify read them from manifest.json
     man = poison_shards(urls, a.output, a.poison, seed=a.seed, num_classes=a.num_classes,
@@ -207,7 +207,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
 
     urls = _expand(a.inputs)
     _output_free(a.out, a.overwrite, "checkpoint")
-    overrides = _kv(a.set)
+    overrides = parse_kv(a.set)
     if a.epochs is not None:
         overrides["epochs"] = a.epochs
     classes = _data_classes(urls)
@@ -256,7 +256,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     te = shards.load_arrays(test_urls)
     classes = _data_classes(train_urls)
     k = len(classes) if classes else int(max(tr.labels.max(), te.labels.max())) + 1
-    overrides = _kv(a.set)
+    overrides = parse_kv(a.set)
     if a.epochs is not None:
         overrides["epochs"] = a.epochs
     try:
