@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_facts  # noqa: E402
+from _restore import restore_cells  # noqa: E402
 from diagnose_dvae import explain  # noqa: E402
 from diagnose_dvae import run as stage_outputs  # noqa: E402
 from matrix import DEFENSES, TIERS, _poisoned  # noqa: E402
@@ -62,6 +63,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
                 "the rate hinge binds (opt-in `tau_auto_ratio`)"),
     "bs32-tauauto": ({"batch_size": 32, "tau_auto_ratio": 0.8}, "`bs32` (the `cpu` preset's stage 2) with automatic "
                      "tau (0.8 x epoch 1's KL)"),
+    "tau1-0.5-seed1": ({"tau1": 0.5, "seed": 1}, "`tau1-0.5` with D-VAE fit seed 1 (a second fit, not a second classifier)"),
+    "seed1": ({"seed": 1}, "the preset with D-VAE fit seed 1: the fit-to-fit spread"),
     "w16": ({"width": 16}, "half the width"),
     "w64": ({"width": 64}, "the paper's width"),
 }
@@ -273,11 +276,26 @@ def _fmt(v: dict | None) -> str:
     return f"{a} {rp}" if a else rp
 
 
+def cell_name(c: dict[str, Any]) -> str:
+    """The cache file name `_write_cell` gave a cell (`screen__lsp__n10000__cpu-w16__bf16`, ...)."""
+    if c["kind"] == "baseline":
+        return f"baseline__{c['poison']}__n{c['images']}"
+    prec = f"__{c['precision']}" if c["kind"] in ("screen", "refit2") else ""
+    return f"{c['kind']}__{c['poison']}__n{c['images']}__{c['variant']}{prec}"
+
+
 def report(cache: Path, out: Path, total_s: float | None = None) -> None:
+    restored = restore_cells(cache / "cells", out / "ablation.json", cell_name)
+    if restored and restored[1] == len(restored[0]["cells"]):  # the cache had lost them all: keep their classifier time
+        doc = restored[0]
+        fits = sum(c.get("fit_seconds", 0) for c in doc["cells"])
+        (cache / "restored_classifier_seconds.json").write_text(json.dumps(doc["compute_seconds"] - fits))
     cells = [json.loads(f.read_text()) for f in sorted((cache / "cells").glob("*.json"))]
     facts = machine_facts("cpu")
     runs = [json.loads(f.read_text()) for f in sorted((cache / "runs").glob("*.json"))]
+    prior = cache / "restored_classifier_seconds.json"
     compute_s = sum(r["seconds"] for r in runs) + sum(c.get("fit_seconds", 0) for c in cells)
+    compute_s += json.loads(prior.read_text()) if prior.exists() else 0.0
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps({"cells": cells, "compute_seconds": compute_s, "machine": facts}, indent=1))
     lines = ["# D-VAE ablations (issue 8)", "", f"Command: `{facts['command']}`  ",

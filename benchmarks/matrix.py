@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_facts  # noqa: E402
 from _plots import save_image_grid  # noqa: E402
+from _restore import restore_cells  # noqa: E402
 
 from purify_pipeline import DVAEConfig, poisons, psnr, retention, shards  # noqa: E402
 from purify_pipeline.classifiers import ClassifierConfig  # noqa: E402
@@ -59,6 +60,7 @@ def _poisoned(cache: Path, name: str, clean: shards.ShardArrays, seed: int = 0) 
     """Poisoned training images and the exact added perturbation (cached)."""
     f = cache / f"poisoned-{name}.npz"
     if not f.exists():
+        f.parent.mkdir(parents=True, exist_ok=True)  # a fresh clone has no cache yet
         t0 = time.perf_counter()
         p = poisons.fit(name, clean.images, clean.labels, num_classes=10, seed=seed, sample_ids=clean.keys)
         x = p.apply(clean.images, clean.labels, sample_ids=clean.keys)
@@ -211,13 +213,15 @@ def main(argv: list[str] | None = None) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
+        restored = restore_cells(cache / "cells", out / "matrix.json", lambda c: f"{c['poison']}__{c['defense']}__s{c['seed']}")
         cells = [json.loads(f.read_text()) for f in sorted((cache / "cells").glob("*.json"))]
         order = ["clean"] + tier["poisons"]
         cells.sort(key=lambda c: (order.index(c["poison"]) if c["poison"] in order else 99, c["defense"], c["seed"]))
         steps = {f.parent.name: json.loads(f.read_text())["fit_and_purify_s"] for f in sorted(cache.glob("dvae-*/seconds.json"))}
         steps.update({f.stem: float(np.load(f)["seconds"]) for f in sorted(cache.glob("poisoned-*.npz"))})
-        report(out, cells, machine_facts(args.device), args.tier, cached_compute_seconds(cache, cells),
-               extra={"step_seconds": steps})
+        lost = {k: v for k, v in (restored[0].get("step_seconds", {}) if restored else {}).items() if k not in steps}
+        report(out, cells, machine_facts(args.device), args.tier, cached_compute_seconds(cache, cells) + sum(lost.values()),
+               extra={"step_seconds": {**steps, **lost}})  # poisons / fits behind restored cells keep their time
         print((out / "matrix.md").read_text())
         return
     data = Path(args.data)
