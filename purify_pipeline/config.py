@@ -15,13 +15,14 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # Yu et al. ICML 2024: width 64, latent 256x16x16, embedding 128x16x16, Adam 5e-3, cosine, 60 epochs,
     # batch 128, clip 5.0, tau1 = 1.0, tau2 = 3.0, energy hinge after epoch 10.
     "paper": {},
-    # Sized for a 2-core CPU: both stages on 10k CIFAR-10 images in about 35 minutes. Stage 2 runs at batch 32
-    # (4x the optimiser steps of batch 128 in about the same CPU time): issue 8 measured 4-5 dB sharper outputs
-    # at about the same poison retention, and D-VAE ahead of JPEG-10 on LSP, AR, OPS and EM (README).
+    # Sized for a 2-core CPU: both stages on 10k CIFAR-10 images in 27-33 minutes (bf16; the cpu-mini matrix's
+    # step_seconds). Stage 2 runs at batch 32 (4x the optimiser steps of batch 128 in about the same CPU time):
+    # issue 8 measured 4-5 dB sharper outputs at about the same poison retention, and D-VAE ahead of JPEG-10
+    # on LSP, AR, OPS and EM (README).
     "cpu": {"width": 32, "epochs": 15, "batch_size_stage2": 32},
     # The `cpu` preset before issue 8 (stage 2 at batch 128): blurrier outputs, below JPEG-10 at 10k images.
     "cpu-v1": {"width": 32, "epochs": 15},
-    # Quick look / demos: a few minutes on 10k images.
+    # Quick look / demos: about 12 minutes on 10k images, 3 on 2,500 (projected in benchmarks/results/fit/cpu.json).
     "small": {"width": 16, "epochs": 8},
     # Unit tests and smoke runs: seconds.
     "tiny": {"width": 8, "latent_channels": 32, "epochs": 1, "batch_size": 64},
