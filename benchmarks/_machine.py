@@ -7,6 +7,14 @@ import sys
 from typing import Any
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
 def machine_facts(device: str = "cpu") -> dict[str, Any]:
     import torch
 
@@ -25,6 +33,8 @@ def machine_facts(device: str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": device,
+        "cpu_model": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # e.g. AVX2, AVX512: bf16 speed depends on it
         "loadavg_at_start": os.getloadavg(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }

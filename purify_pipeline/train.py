@@ -7,6 +7,7 @@ as a callable `epoch -> iterable of (images, labels)` batches (what a Ray Data s
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -19,6 +20,22 @@ from .losses import dvae_loss
 
 Batches = Callable[[int], Iterable[tuple[Any, Any]]]
 EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 / AMX), as oneDNN sees it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
+def warn_if_emulated_bf16(device: torch.device, bf16: bool) -> None:
+    """Warn when bf16 autocast is asked for on a CPU that emulates it: there it is slower, not faster (on a
+    2-core AVX2 EPYC, bench_fit.py measured the `cpu` preset's training 8x slower than fp32)."""
+    if bf16 and device.type == "cpu" and not cpu_has_native_bf16():
+        warnings.warn("bf16 autocast on a CPU without native bfloat16 (AVX512-BF16 / AMX) is emulated and several "
+                      "times slower than fp32 here; leave bf16 off on this machine", RuntimeWarning, stacklevel=3)  # fmt: skip
 
 
 def to_float_nchw(x: Tensor | np.ndarray) -> Tensor:
@@ -98,6 +115,7 @@ def fit_stage(
         for _ in range(start_epoch):
             scheduler.step()
     device = torch.device(device)
+    warn_if_emulated_bf16(device, autocast_dtype == torch.bfloat16)
     model.to(device)
     history: list[dict[str, float]] = []
     for epoch in range(start_epoch, epochs):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from purify_pipeline._progress import progress
 from purify_pipeline.augment import random_crop_flip, to_float_nchw
 from purify_pipeline.classifiers import ClassifierConfig, build_classifier, num_parameters
+from purify_pipeline.train import warn_if_emulated_bf16
 
 
 def _check_split(images: np.ndarray, labels: np.ndarray, name: str, num_classes: int) -> None:
@@ -106,6 +107,7 @@ def train_classifier(
     _check_split(train_images, train_labels, "train", cfg.num_classes)
     _check_split(test_images, test_labels, "test", cfg.num_classes)
     device = torch.device(device)
+    warn_if_emulated_bf16(device, bf16)
     mf = _memory_format(cfg)
 
     # Seeded model init without disturbing the caller's global RNG; a separate generator for data order + crops.
