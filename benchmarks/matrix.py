@@ -126,7 +126,9 @@ def _grid(path: Path, clean: np.ndarray, poisoned: np.ndarray, purified: dict[st
     save_image_grid(path, rows)
 
 
-def report(out: Path, cells: list[dict], facts: dict, tier: str, total_s: float, extra: dict | None = None) -> None:
+def report(out: Path, cells: list[dict], facts: dict, tier: str, total_s: float, extra: dict | None = None,
+           total_what: str = "the summed time of every cell, poison and D-VAE fit in the table, cached or restored "
+                             "ones included") -> None:  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,9 +153,7 @@ def report(out: Path, cells: list[dict], facts: dict, tier: str, total_s: float,
     fmt = lambda s: "—" if s is None else f"{s['mean']:.1f}" + (f" ± {s['spread']:.1f}" if s["spread"] is not None else "")  # noqa: E731
     lines = [f"# Accuracy matrix, tier `{tier}` (clean test accuracy %, mean ± half-range over seeds)", "",
              f"Command: `{facts['command']}`  ", f"Machine: {facts['cpu_count']} CPUs, torch {facts['torch']}, "
-             f"ray {facts['ray']}, device {facts['device']}; total time {total_s / 60:.1f} min "
-             f"(with --report-only: the summed compute time of every cached cell, poison and D-VAE fit; otherwise "
-             f"this invocation's wall time, cached cells not re-run).", "",
+             f"ray {facts['ray']}, device {facts['device']}; total {total_s / 60:.1f} min ({total_what}).", "",
              "| poison | " + " | ".join(defs) + " |", "|---|" + "---|" * len(defs)]  # fmt: skip
     for p in pois:
         lines.append(f"| {p} | " + " | ".join(fmt(get.get((p, d))) for d in defs) + " |")
@@ -189,6 +189,21 @@ def cached_compute_seconds(cache: Path, cells: list[dict]) -> float:
     return total
 
 
+def report_from_cache(cache: Path, out: Path, args) -> None:
+    """matrix.json/md and accuracy.png from every cached cell (the committed cells the cache lacks restored), so
+    a partial run (one poison, one defense) updates its cells without dropping the others."""
+    tier = TIERS[args.tier]
+    restored = restore_cells(cache / "cells", out / "matrix.json", lambda c: f"{c['poison']}__{c['defense']}__s{c['seed']}")
+    cells = [json.loads(f.read_text()) for f in sorted((cache / "cells").glob("*.json"))]
+    order = ["clean"] + tier["poisons"]
+    cells.sort(key=lambda c: (order.index(c["poison"]) if c["poison"] in order else 99, c["defense"], c["seed"]))
+    steps = {f.parent.name: json.loads(f.read_text())["fit_and_purify_s"] for f in sorted(cache.glob("dvae-*/seconds.json"))}
+    steps.update({f.stem: float(np.load(f)["seconds"]) for f in sorted(cache.glob("poisoned-*.npz"))})
+    lost = {k: v for k, v in (restored[0].get("step_seconds", {}) if restored else {}).items() if k not in steps}
+    report(out, cells, machine_facts(args.device), args.tier, cached_compute_seconds(cache, cells) + sum(lost.values()),
+           extra={"step_seconds": {**steps, **lost}})  # poisons / fits behind restored cells keep their time
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tier", choices=sorted(TIERS), default="cpu-mini")
@@ -213,15 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
-        restored = restore_cells(cache / "cells", out / "matrix.json", lambda c: f"{c['poison']}__{c['defense']}__s{c['seed']}")
-        cells = [json.loads(f.read_text()) for f in sorted((cache / "cells").glob("*.json"))]
-        order = ["clean"] + tier["poisons"]
-        cells.sort(key=lambda c: (order.index(c["poison"]) if c["poison"] in order else 99, c["defense"], c["seed"]))
-        steps = {f.parent.name: json.loads(f.read_text())["fit_and_purify_s"] for f in sorted(cache.glob("dvae-*/seconds.json"))}
-        steps.update({f.stem: float(np.load(f)["seconds"]) for f in sorted(cache.glob("poisoned-*.npz"))})
-        lost = {k: v for k, v in (restored[0].get("step_seconds", {}) if restored else {}).items() if k not in steps}
-        report(out, cells, machine_facts(args.device), args.tier, cached_compute_seconds(cache, cells) + sum(lost.values()),
-               extra={"step_seconds": {**steps, **lost}})  # poisons / fits behind restored cells keep their time
+        report_from_cache(cache, out, args)
         print((out / "matrix.md").read_text())
         return
     data = Path(args.data)
@@ -246,9 +253,10 @@ def main(argv: list[str] | None = None) -> None:
             cells += [run_cell(cache, name, label, s, x, clean, delta, test, clf, args) for s in seeds]
         if {"dvae", "jpeg10", "grayscale"} <= set(args.defenses) or not (out / f"grid-{name}.png").exists():
             _grid(out / f"grid-{name}.png", clean.images, poisoned, purified)  # a partial re-run keeps the full grid
-        report(out, cells, machine_facts(args.device), args.tier, time.perf_counter() - t0)
-    report(out, cells, machine_facts(args.device), args.tier, time.perf_counter() - t0)
+        report_from_cache(cache, out, args)
+    report_from_cache(cache, out, args)
     print((out / "matrix.md").read_text())
+    print(f"this invocation: {(time.perf_counter() - t0) / 60:.1f} min")
 
 
 if __name__ == "__main__":

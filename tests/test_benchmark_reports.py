@@ -55,3 +55,22 @@ def test_matrix_report_only_on_a_fresh_cache_rebuilds_the_committed_table(tmp_pa
     assert doc["step_seconds"] == {"poisoned-lsp": 5.0}
     md = (out / "matrix.md").read_text()
     assert "| lsp | — | 71.5 ± 0.5 | 68.5 ± 0.5 |" in md
+
+
+def test_matrix_partial_run_updates_its_cells_and_keeps_the_others(cifar10_dir: Path, tmp_path: Path) -> None:
+    """One poison, two cheap defenses on the smoke tier: the written table still has the committed `ops` row."""
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    out.mkdir()
+    ops = {"poison": "ops", "defense": "jpeg10", "seed": 0, "test_acc": 42.0, "train_seconds": 1.0,
+           "psnr_vs_clean": 23.0, "retention": 0.1}  # fmt: skip
+    (out / "matrix.json").write_text(json.dumps({"tier": "smoke", "cells": [ops]}))
+    run = subprocess.run([sys.executable, str(BENCH / "matrix.py"), "--tier", "smoke", "--data", str(cifar10_dir),
+                          "--poisons", "lsp", "--defenses", "none", "jpeg10", "--seeds", "0", "--quiet",
+                          "--cache", str(cache), "--out", str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    doc = json.loads((out / "matrix.json").read_text())
+    got = {(c["poison"], c["defense"]): c for c in doc["cells"]}
+    assert set(got) == {("clean", "none"), ("lsp", "none"), ("lsp", "jpeg10"), ("ops", "jpeg10")}
+    assert got[("ops", "jpeg10")]["test_acc"] == 42.0 and "restored_from" not in got[("lsp", "jpeg10")]
+    assert got[("lsp", "none")]["retention"] == 1.0  # measured here: the undefended set is the poison
+    assert "| ops | — | 42.0 |" in (out / "matrix.md").read_text()
