@@ -55,6 +55,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "base": ({}, "the cpu-v1 preset (width 32, 15+15 epochs, batch 128, tau 1/3)"),
     "bs32": ({"batch_size": 32}, "4x the optimiser steps for the same samples (batch 32)"),
     "ep30": ({"epochs": 30}, "twice the epochs per stage"),
+    "ep60": ({"epochs": 60}, "the paper's 60 epochs per stage"),
+    "ep15": ({"epochs": 15}, "15 epochs per stage: with `--preset paper`, the H100 50k fit's network and schedule "
+             "on 10k images (the equal-width half of 10k vs 50k)"),
     "tau2-1.5": ({"tau2": 1.5}, "a stage-2 rate target the KL actually reaches (it sits at 2.7-2.95 < 3)"),
     "tau1-0.5": ({"tau1": 0.5}, "a tighter stage-1 rate: blurrier x̂1, more residual for p̂1"),
     "pclass1": ({"p_class_weight": 1.0}, "opt-in within-class variance penalty on p̂ (weight 1)"),
