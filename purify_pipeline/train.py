@@ -32,7 +32,7 @@ def cpu_has_native_bf16() -> bool:
 
 def warn_if_emulated_bf16(device: torch.device, bf16: bool) -> None:
     """Warn when bf16 autocast is asked for on a CPU that emulates it: there it is slower, not faster (on a
-    2-core AVX2 EPYC, bench_fit.py measured the `cpu` preset's training 8x slower than fp32)."""
+    2-core AVX2 EPYC, bench_fit.py measured the `cpu` preset training at 7.7 samples/s against 87.9 in fp32)."""
     if bf16 and device.type == "cpu" and not cpu_has_native_bf16():
         warnings.warn("bf16 autocast on a CPU without native bfloat16 (AVX512-BF16 / AMX) is emulated and several "
                       "times slower than fp32 here; leave bf16 off on this machine", RuntimeWarning, stacklevel=3)  # fmt: skip

@@ -278,7 +278,8 @@ def test_automatic_tau_is_the_same_on_every_ddp_rank():
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns_and_fp32_does_not(monkeypatch) -> None:
-    """Emulated bf16 is several times slower than fp32 (8x measured on an AVX2 EPYC): say so instead of crawling."""
+    """Emulated bf16 is several times slower than fp32 (11x on an AVX2 EPYC, benchmarks/results/fit/epyc-avx2):
+    say so instead of crawling."""
     import warnings
 
     from purify_pipeline import train as train_mod
