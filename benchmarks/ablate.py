@@ -131,7 +131,7 @@ def baselines(cache: Path, poison: str, n: int, args, test: Any) -> None:
                 for s in args.seeds]  # fmt: skip
         cell["results"][name] = {"retention": retention(x, clean, delta), "psnr": psnr(x, clean) if name != "clean" else None,
                                  "acc": accs}  # fmt: skip
-    _write_cell(cache, f"baseline__{poison}__n{n}", cell)
+    _write_cell(cache, cell)
 
 
 def _cached_fit(cache: Path, tag: str, fit: Callable[[], Purifier]) -> tuple[Purifier, float]:
@@ -168,7 +168,16 @@ def _kl_tau(c: dict[str, Any]) -> str:
     return " / ".join(parts)
 
 
-def _write_cell(cache: Path, name: str, cell: dict[str, Any]) -> None:
+def cell_name(c: dict[str, Any]) -> str:
+    """A cell's cache file name (`screen__lsp__n10000__cpu-w16__bf16`, ...): the one rule for writing and restoring."""
+    if c["kind"] == "baseline":
+        return f"baseline__{c['poison']}__n{c['images']}"
+    prec = f"__{c['precision']}" if c["kind"] in ("screen", "refit2") else ""
+    return f"{c['kind']}__{c['poison']}__n{c['images']}__{c['variant']}{prec}"
+
+
+def _write_cell(cache: Path, cell: dict[str, Any]) -> None:
+    name = cell_name(cell)
     f = cache / "cells" / f"{name}.json"
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(cell, indent=1))
@@ -189,7 +198,7 @@ def screen(cache: Path, poison: str, variant: str, n: int, args, test: Any) -> N
             "final_epoch": _final_epoch(pur.metrics),
             "results": _measure(cache, tag, _outputs(pur, clean, poisoned, labels), clean, labels, delta, test,
                                 args.classify, args.seeds)}  # fmt: skip
-    _write_cell(cache, f"screen__{tag}", cell)
+    _write_cell(cache, cell)
 
 
 def refit_stage2(cache: Path, poison: str, variant: str, args, test: Any) -> None:
@@ -223,7 +232,7 @@ def refit_stage2(cache: Path, poison: str, variant: str, args, test: Any) -> Non
             "final_epoch": _final_epoch(pur.metrics),
             "results": _measure(cache, tag, _outputs(pur, clean, poisoned, labels), clean, labels, delta, test,
                                 args.classify, args.seeds)}  # fmt: skip
-    _write_cell(cache, f"refit2__{tag}", cell)
+    _write_cell(cache, cell)
 
 
 def outputs_of_matrix_fit(cache: Path, poison: str, args, test: Any) -> None:
@@ -246,7 +255,7 @@ def outputs_of_matrix_fit(cache: Path, poison: str, args, test: Any) -> None:
         cell["results"]["final"] = {"retention": mcells[0]["retention"], "psnr": mcells[0]["psnr_vs_clean"],
                                     "acc": [c["test_acc"] for c in sorted(mcells, key=lambda c: c["seed"])],
                                     "from": "accuracy matrix dvae cells"}  # fmt: skip
-    _write_cell(cache, f"outputs__{tag}", cell)
+    _write_cell(cache, cell)
 
 
 def outputs_of_checkpoint(cache: Path, poison: str, args, test: Any) -> None:
@@ -267,7 +276,7 @@ def outputs_of_checkpoint(cache: Path, poison: str, args, test: Any) -> None:
             // pur.cfg.batch_size_for(1),
             "results": _measure(cache, tag, _outputs(pur, clean, poisoned, labels), clean, labels, delta, test,
                                 args.classify, args.seeds)}  # fmt: skip
-    _write_cell(cache, f"outputs__{tag}", cell)
+    _write_cell(cache, cell)
 
 
 def _fmt(v: dict | None) -> str:
@@ -277,14 +286,6 @@ def _fmt(v: dict | None) -> str:
     a = "" if not acc else f"{statistics.mean(acc):.1f}" + (f" ± {(max(acc) - min(acc)) / 2:.1f}" if len(acc) > 1 else "")
     rp = f"({v['retention']:.2f} / " + ("—" if v.get("psnr") is None else f"{v['psnr']:.1f}") + ")"
     return f"{a} {rp}" if a else rp
-
-
-def cell_name(c: dict[str, Any]) -> str:
-    """The cache file name `_write_cell` gave a cell (`screen__lsp__n10000__cpu-w16__bf16`, ...)."""
-    if c["kind"] == "baseline":
-        return f"baseline__{c['poison']}__n{c['images']}"
-    prec = f"__{c['precision']}" if c["kind"] in ("screen", "refit2") else ""
-    return f"{c['kind']}__{c['poison']}__n{c['images']}__{c['variant']}{prec}"
 
 
 def report(cache: Path, out: Path, total_s: float | None = None) -> None:

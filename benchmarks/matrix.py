@@ -102,11 +102,16 @@ def _dvae(cache: Path, name: str, poisoned: np.ndarray, clean: shards.ShardArray
     return out.images
 
 
+def cell_name(c: dict[str, Any]) -> str:
+    """A cell's cache file name (`lsp__dvae__s0`): the one rule for writing and restoring cells."""
+    return f"{c['poison']}__{c['defense']}__s{c['seed']}"
+
+
 def run_cell(cache: Path, poison: str, defense: str, seed: int, train_x: np.ndarray, clean: shards.ShardArrays,
-             delta: np.ndarray | None, test: shards.ShardArrays, clf: ClassifierConfig, args) -> dict[str, Any]:  # fmt: skip
-    f = cache / "cells" / f"{poison}__{defense}__s{seed}.json"
+             delta: np.ndarray | None, test: shards.ShardArrays, clf: ClassifierConfig, args) -> None:  # fmt: skip
+    f = cache / "cells" / f"{cell_name({'poison': poison, 'defense': defense, 'seed': seed})}.json"
     if f.exists():
-        return json.loads(f.read_text())
+        return
     t0 = time.perf_counter()
     res = train_classifier(train_x, clean.labels, test.images, test.labels, clf, seed=seed, device=args.device,
                            progress_bar=not args.quiet)  # fmt: skip
@@ -116,7 +121,6 @@ def run_cell(cache: Path, poison: str, defense: str, seed: int, train_x: np.ndar
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(cell))
     print(f"{poison:>9} {defense:>9} seed {seed}: {cell['test_acc']:.1f}%", flush=True)
-    return cell
 
 
 def _grid(path: Path, clean: np.ndarray, poisoned: np.ndarray, purified: dict[str, np.ndarray], n: int = 6) -> None:
@@ -193,7 +197,7 @@ def report_from_cache(cache: Path, out: Path, args) -> None:
     """matrix.json/md and accuracy.png from every cached cell (the committed cells the cache lacks restored), so
     a partial run (one poison, one defense) updates its cells without dropping the others."""
     tier = TIERS[args.tier]
-    restored = restore_cells(cache / "cells", out / "matrix.json", lambda c: f"{c['poison']}__{c['defense']}__s{c['seed']}")
+    restored = restore_cells(cache / "cells", out / "matrix.json", cell_name)
     cells = [json.loads(f.read_text()) for f in sorted((cache / "cells").glob("*.json"))]
     order = ["clean"] + tier["poisons"]
     cells.sort(key=lambda c: (order.index(c["poison"]) if c["poison"] in order else 99, c["defense"], c["seed"]))
@@ -237,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     test = _load(data, tier["test"], tier["limit"])
     clf = ClassifierConfig.preset(tier["classifier"])
     preset = args.dvae_preset or tier["dvae"]
-    cells = [run_cell(cache, "clean", "none", s, clean.images, clean, None, test, clf, args) for s in args.seeds]
+    for s in args.seeds:
+        run_cell(cache, "clean", "none", s, clean.images, clean, None, test, clf, args)
     for name in args.poisons or tier["poisons"]:
         poisoned, delta = _poisoned(cache, name, clean)
         purified: dict[str, np.ndarray] = {}
@@ -250,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
             if d != "none":
                 purified[label] = x
             seeds = args.seeds if d in args.extra_seed_defenses else args.seeds[:1]
-            cells += [run_cell(cache, name, label, s, x, clean, delta, test, clf, args) for s in seeds]
+            for s in seeds:
+                run_cell(cache, name, label, s, x, clean, delta, test, clf, args)
         if {"dvae", "jpeg10", "grayscale"} <= set(args.defenses) or not (out / f"grid-{name}.png").exists():
             _grid(out / f"grid-{name}.png", clean.images, poisoned, purified)  # a partial re-run keeps the full grid
         report_from_cache(cache, out, args)
