@@ -17,7 +17,8 @@ x1 = x - p̂1 (stage 1), x2' = x1 - p̂2, x̂2 = D2(x2') (the paper's output; "m
 product's sampled purification), the poison retention r and PSNR against the clean images, and for the
 outputs in --classify the fast classifier's clean test accuracy (all 10k test images) when trained on them.
 Baselines (none / JPEG-10 / grayscale / clean) are measured at the same training-set size. Every fit and
-every classifier run is cached under benchmarks/cache/ablate/, so a stopped run resumes. Results:
+every classifier run is cached under benchmarks/cache/ablate/, so a stopped run resumes (a `screen` fit from its
+last finished epoch: fits/<tag>.partial holds the per-epoch checkpoints). Results:
 benchmarks/results/ablation/ablation.{json,md,png}.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -134,17 +136,30 @@ def baselines(cache: Path, poison: str, n: int, args, test: Any) -> None:
     _write_cell(cache, cell)
 
 
-def _cached_fit(cache: Path, tag: str, fit: Callable[[], Purifier]) -> tuple[Purifier, float]:
-    """The purifier cached under fits/<tag>, or fit() saved there; with its fit seconds."""
-    ckpt = cache / "fits" / tag
+def _cached_fit(cache: Path, tag: str, fit: Callable[[Path], Purifier]) -> tuple[Purifier, float]:
+    """The purifier cached under fits/<tag>, or fit(partial) saved there; with its fit seconds.
+
+    fit gets fits/<tag>.partial for per-epoch checkpoints, so a stopped fit resumes from its last epoch; a resumed
+    fit's seconds are the sum of its epoch times (the time of the stopped run is not known otherwise)."""
+    ckpt, partial = cache / "fits" / tag, cache / "fits" / f"{tag}.partial"
+    seconds = ckpt.parent / f"{tag}.seconds"
     if (ckpt / "config.json").exists():
-        return Purifier.load(str(ckpt)), json.loads((ckpt.parent / f"{tag}.seconds").read_text())["fit_seconds"]
+        return Purifier.load(str(ckpt)), json.loads(seconds.read_text())["fit_seconds"]
+    resumed = partial.exists()
     t0 = time.perf_counter()
-    pur = fit()
+    pur = fit(partial)
     fit_s = time.perf_counter() - t0
+    if resumed:
+        fit_s = sum(e.get("seconds", 0.0) for h in pur.metrics.values() for e in h)
     pur.save(str(ckpt))
-    (ckpt.parent / f"{tag}.seconds").write_text(json.dumps({"fit_seconds": fit_s}))
+    seconds.write_text(json.dumps({"fit_seconds": fit_s, **({"resumed": True} if resumed else {})}))
+    shutil.rmtree(partial, ignore_errors=True)
     return pur, fit_s
+
+
+def _resumed(cache: Path, tag: str) -> bool:
+    """Whether the cached fit <tag> was resumed (its fit seconds are then the sum of its epoch times)."""
+    return bool(json.loads((cache / "fits" / f"{tag}.seconds").read_text()).get("resumed"))
 
 
 def _final_epoch(metrics: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
@@ -190,10 +205,12 @@ def screen(cache: Path, poison: str, variant: str, n: int, args, test: Any) -> N
     name = variant if args.preset == "cpu-v1" else f"{args.preset}-{variant}"
     tag = f"{poison}__n{n}__{name}__{prec}"
     clean, labels, poisoned, delta = _arrays(Path(args.data), args.matrix_cache, poison, n)
-    pur, fit_s = _cached_fit(cache, tag, lambda: fit_two_stage(poisoned, labels, DVAEConfig.preset(args.preset, **overrides),
-                                                               progress=not args.quiet, bf16=args.bf16))  # fmt: skip
+    pur, fit_s = _cached_fit(cache, tag, lambda partial: fit_two_stage(
+        poisoned, labels, DVAEConfig.preset(args.preset, **overrides), progress=not args.quiet, bf16=args.bf16,
+        checkpoint_dir=partial))  # fmt: skip
     cell = {"kind": "screen", "poison": poison, "variant": name, "overrides": overrides, "images": n, "precision": prec,
-            "fit_seconds": fit_s, "steps_per_stage": [max(1, n // pur.cfg.batch_size_for(s)) * pur.cfg.epochs_for(s)
+            "fit_seconds": fit_s, **({"fit_resumed": True} if _resumed(cache, tag) else {}),
+            "steps_per_stage": [max(1, n // pur.cfg.batch_size_for(s)) * pur.cfg.epochs_for(s)
                                                       for s in (1, 2)],  # fmt: skip
             "final_epoch": _final_epoch(pur.metrics),
             "results": _measure(cache, tag, _outputs(pur, clean, poisoned, labels), clean, labels, delta, test,
@@ -218,7 +235,7 @@ def refit_stage2(cache: Path, poison: str, variant: str, args, test: Any) -> Non
     base = Purifier.load(str(root))
     cfg = DVAEConfig.from_dict({**base.cfg.to_dict(), **overrides})
 
-    def fit() -> Purifier:
+    def fit(_partial: Path) -> Purifier:  # half a fit: no per-epoch checkpoints
         x1 = base.purify_stage1(poisoned, labels, mode=cfg.stage1_mode, seed=cfg.seed, progress=False)
         torch.manual_seed(cfg.seed + 1)
         stage2 = DVAE(base.cfg)  # same network (a Purifier's stages share one config); trained with cfg's settings
@@ -324,7 +341,7 @@ def report(cache: Path, out: Path, total_s: float | None = None) -> None:
             p1s = "" if not p1 else f"{p1['projection']:.2f} (cos {p1['cosine']:.2f})"
             prec = c.get("precision") or ("bf16" if (c.get("fit") or {}).get("bf16") else "fp32")
             lines.append(f"| {c['poison']} | {c['variant']} | {prec} "
-                         f"| {fit_min:.1f} | {_steps(c.get('steps_per_stage', ''))} | {_fmt(r.get('x1'))} | {_fmt(r.get('x2p'))} "
+                         f"| {fit_min:.1f}{' (resumed)' if c.get('fit_resumed') else ''} | {_steps(c.get('steps_per_stage', ''))} | {_fmt(r.get('x1'))} | {_fmt(r.get('x2p'))} "
                          f"| {_fmt(r.get('xhat2_mean'))} | {_fmt(r.get('final'))} "
                          f"| {p1s} | {_kl_tau(c)} |")  # fmt: skip
         lines.append("")
@@ -332,6 +349,7 @@ def report(cache: Path, out: Path, total_s: float | None = None) -> None:
               "preset before this ablation, 10k poisoned images; "
               "fit min = fit + purify through Ray); `s2-<variant>` = that checkpoint's stage 1 with stage 2 refitted "
               "in-process with the variant (fit min = stage 2 alone); screens = both stages fitted "
+              "(a fit min marked resumed: continued from per-epoch checkpoints, the sum of its epoch times) "
               "in-process on the first N images, `cpu-<variant>` from the `cpu` preset, a bare variant from "
               "`cpu-v1`; any other name = `ablate.py checkpoint`: a purifier fit elsewhere "
               "(its cell's `fit_on` says where; `paper-h200-50k-ep5` / `paper-h100-50k-ep15` = the `paper` preset, "

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import shards
 from ._progress import progress_enabled
@@ -31,7 +31,7 @@ from .config import DVAEConfig
 from .models import DVAE
 from .purifier import Purifier
 from .shards import ShardError
-from .train import fit_stage, make_optimizer
+from .train import fit_stage, load_train_state, make_optimizer, save_train_state
 
 __all__ = ["fit_purifier", "training_dataset"]
 
@@ -72,31 +72,6 @@ def training_dataset(urls: Sequence[str], *, num_classes: int, image_size: int,
                         batch_format="numpy", num_cpus=0.25)  # fmt: skip
     return ds.map_batches(_decode_batch, fn_kwargs={"num_classes": num_classes, "image_size": image_size},
                           batch_format="numpy", num_cpus=0.25)  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------- train state
-def _save_state(d: str, model: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int, history: list[dict]) -> None:
-    """Epoch checkpoint: weights + Adam moments as safetensors, the rest as JSON (nothing pickled)."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(d, "model.safetensors"))
-    st = opt.state_dict()["state"]
-    save_file({f"{i}.{n}": t.detach().cpu().contiguous().reshape(t.shape) for i, s in st.items() for n, t in s.items()},
-              os.path.join(d, "optimizer.safetensors"))  # fmt: skip
-    Path(d, "state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
-
-
-def _load_state(d: str, model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any) -> tuple[int, list[dict]]:
-    """Restore an epoch checkpoint; return (next epoch, history so far)."""
-    model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
-    flat = load_file(os.path.join(d, "optimizer.safetensors"))
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for k, t in flat.items():
-        i, n = k.split(".", 1)
-        state.setdefault(int(i), {})[n] = t
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-    meta = json.loads(Path(d, "state.json").read_text())
-    for _ in range(meta["epoch"] + 1):
-        sched.step()  # the cosine schedule at the resumed epoch, exactly as an uninterrupted run has it
-    return meta["epoch"] + 1, meta["history"]
 
 
 # ------------------------------------------------------------------------------------ the train loop
@@ -175,12 +150,12 @@ def _train_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(config.get("threads") or max(1, (os.cpu_count() or 1) // sess.local_world))
     epochs, tau = cfg.epochs_for(stage), cfg.tau(stage)
     torch.manual_seed(cfg.seed + 1000 * stage)  # identical initial weights on every rank
-    model = DVAE(cfg)
+    model = DVAE(cfg).to(sess.device)  # before the optimizer, so restored Adam moments land on the model's device
     opt, sched = make_optimizer(model, cfg, epochs)
     start, history = 0, []
     restore = sess.restore_dir()
     if restore:
-        start, history = _load_state(restore, model, opt, sched)
+        start, history = load_train_state(restore, model, opt, sched)
         tau = history[-1].get("tau_next", tau) if history else tau  # automatic tau chosen before the crash
     model = sess.prepare(model)
     it = sess.iterator()
@@ -197,7 +172,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
             if sess.rank == 0:
-                _save_state(d, getattr(model, "module", model), opt, epoch, history)
+                save_train_state(d, getattr(model, "module", model), opt, epoch, history)
                 with open(config["metrics_path"], "a") as f:
                     f.write(json.dumps(metrics) + "\n")
             sess.report(metrics, d if sess.rank == 0 else None)

@@ -6,12 +6,16 @@ as a callable `epoch -> iterable of (images, labels)` batches (what a Ray Data s
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ._progress import progress as _progress
@@ -73,6 +77,33 @@ def make_optimizer(model: nn.Module, cfg: DVAEConfig, epochs: int) -> tuple[torc
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     return opt, sched
+
+
+def save_train_state(d: str, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, history: list[dict]) -> None:
+    """Epoch checkpoint in directory `d`: weights + Adam moments as safetensors, the rest as JSON (nothing
+    pickled). state.json is written last, so its presence marks a complete checkpoint."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, os.path.join(d, "model.safetensors"))
+    st = opt.state_dict()["state"]
+    save_file({f"{i}.{n}": t.detach().cpu().contiguous().reshape(t.shape) for i, s in st.items() for n, t in s.items()},
+              os.path.join(d, "optimizer.safetensors"))  # fmt: skip
+    Path(d, "state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
+
+
+def load_train_state(d: str, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> tuple[int, list[dict]]:
+    """Restore an epoch checkpoint written by `save_train_state`; return (next epoch, history so far)."""
+    model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
+    flat = load_file(os.path.join(d, "optimizer.safetensors"))
+    state: dict[int, dict[str, Tensor]] = {}
+    for k, t in flat.items():
+        i, n = k.split(".", 1)
+        state.setdefault(int(i), {})[n] = t
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    meta = json.loads(Path(d, "state.json").read_text())
+    with warnings.catch_warnings():  # stepping before any optimizer step is the point here, not a mistake
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        for _ in range(meta["epoch"] + 1):
+            sched.step()  # the cosine schedule at the resumed epoch, exactly as an uninterrupted run has it
+    return meta["epoch"] + 1, meta["history"]
 
 
 def fit_stage(

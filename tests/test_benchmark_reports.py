@@ -51,6 +51,25 @@ def test_ablation_report_on_a_fresh_cache_keeps_committed_cells_and_their_time(t
     assert "| lsp | cpu-old |" in md and "| lsp | cpu-new |" in md and "65.5 ± 0.5" in md and "60.5" not in md
 
 
+def test_ablation_fit_cache_hands_the_fit_its_partial_dir_and_times_a_resumed_fit_by_its_epochs(tmp_path: Path) -> None:
+    from purify_pipeline import DVAE, DVAEConfig, Purifier
+
+    ablate, cfg, seen = _bench_module("ablate"), DVAEConfig.preset("tiny", num_classes=2), []
+
+    def fit(partial: Path) -> Purifier:
+        seen.append(partial)
+        return Purifier(DVAE(cfg), DVAE(cfg), metrics={"stage1": [{"seconds": 2.0}], "stage2": [{"seconds": 3.0}]})
+
+    cache = tmp_path / "cache"
+    ablate._cached_fit(cache, "a", fit)
+    assert seen == [cache / "fits" / "a.partial"] and not ablate._resumed(cache, "a")
+    (cache / "fits" / "b.partial").mkdir()  # a stopped fit left its epoch checkpoints
+    pur, resumed_s = ablate._cached_fit(cache, "b", fit)
+    assert resumed_s == 5.0 and ablate._resumed(cache, "b") and not (cache / "fits" / "b.partial").exists()
+    again, again_s = ablate._cached_fit(cache, "b", fit)  # finished: loaded, not refitted
+    assert len(seen) == 2 and again_s == 5.0 and again.fingerprint == pur.fingerprint
+
+
 def test_matrix_report_only_on_a_fresh_cache_rebuilds_the_committed_table(tmp_path: Path) -> None:
     out, cache = tmp_path / "results", tmp_path / "cache"
     out.mkdir()

@@ -310,3 +310,45 @@ def test_classifier_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch) -> None
     monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(RuntimeWarning, match="without native bfloat16"):
         train_classifier(x, y, x, y, ClassifierConfig.preset("tiny", num_classes=2, epochs=1), bf16=True, progress_bar=False)
+
+
+def test_fit_two_stage_resumes_from_checkpoint_dir_with_the_same_bytes(tmp_path, monkeypatch):
+    import purify_pipeline.purifier as P
+
+    r = np.random.default_rng(0)
+    x, y = r.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), r.integers(0, 2, 64)
+    cfg = DVAEConfig.preset("tiny", num_classes=2, batch_size=32, epochs=3, epochs_stage2=2)
+    want = fit_two_stage(x, y, cfg, progress=False)
+    real_save = P.save_train_state
+
+    class Killed(Exception):
+        pass
+
+    for stage, epoch in ((1, 0), (1, 2), (2, 0)):  # mid stage 1, stage 1 finished, mid stage 2
+        d = tmp_path / f"s{stage}e{epoch}"
+
+        def crash(path, model, opt, e, history, stage=stage, epoch=epoch):
+            real_save(path, model, opt, e, history)
+            if path.endswith(f"stage{stage}.tmp") and e == epoch:
+                raise Killed
+
+        monkeypatch.setattr(P, "save_train_state", crash)
+        with pytest.raises(Killed):
+            fit_two_stage(x, y, cfg, progress=False, checkpoint_dir=d)
+        monkeypatch.setattr(P, "save_train_state", real_save)
+        assert (d / f"stage{stage}.tmp" / "state.json").exists()  # killed before the rename: tmp is picked up
+        calls = []
+        real_fit = P.fit_stage
+        monkeypatch.setattr(P, "fit_stage", lambda *a, **kw: calls.append(kw["start_epoch"]) or real_fit(*a, **kw))
+        got = fit_two_stage(x, y, cfg, progress=False, checkpoint_dir=d)
+        monkeypatch.setattr(P, "fit_stage", real_fit)
+        assert calls[stage - 1] == epoch + 1  # resumed after the saved epoch, not from scratch
+        assert got.fingerprint == want.fingerprint, (stage, epoch)
+        assert [len(got.metrics[s]) for s in ("stage1", "stage2")] == [3, 2]
+        assert [h["epoch"] for h in got.metrics["stage1"]] == [0, 1, 2]
+    again = fit_two_stage(x, y, cfg, progress=False, checkpoint_dir=d)  # both stages done: nothing retrained
+    assert again.fingerprint == want.fingerprint
+    with pytest.raises(ValueError, match="another config"):
+        fit_two_stage(x, y, DVAEConfig.preset("tiny", num_classes=2, batch_size=32, epochs=4), progress=False, checkpoint_dir=d)
+    with pytest.raises(ValueError, match="another data"):
+        fit_two_stage(x[::-1].copy(), y, cfg, progress=False, checkpoint_dir=d)
