@@ -136,15 +136,17 @@ def baselines(cache: Path, poison: str, n: int, args, test: Any) -> None:
     _write_cell(cache, cell)
 
 
-def _cached_fit(cache: Path, tag: str, fit: Callable[[Path], Purifier]) -> tuple[Purifier, float]:
-    """The purifier cached under fits/<tag>, or fit(partial) saved there; with its fit seconds.
+def _cached_fit(cache: Path, tag: str, fit: Callable[[Path], Purifier]) -> tuple[Purifier, dict[str, Any]]:
+    """The purifier cached under fits/<tag>, or fit(partial) saved there; with its timing for the cell:
+    {"fit_seconds": s} plus "fit_resumed": True when the fit was resumed.
 
     fit gets fits/<tag>.partial for per-epoch checkpoints, so a stopped fit resumes from its last epoch; a resumed
     fit's seconds are the sum of its epoch times (the time of the stopped run is not known otherwise)."""
     ckpt, partial = cache / "fits" / tag, cache / "fits" / f"{tag}.partial"
     seconds = ckpt.parent / f"{tag}.seconds"
     if (ckpt / "config.json").exists():
-        return Purifier.load(str(ckpt)), json.loads(seconds.read_text())["fit_seconds"]
+        saved = json.loads(seconds.read_text())
+        return Purifier.load(str(ckpt)), _timing(saved["fit_seconds"], bool(saved.get("resumed")))
     resumed = partial.exists()
     t0 = time.perf_counter()
     pur = fit(partial)
@@ -154,12 +156,11 @@ def _cached_fit(cache: Path, tag: str, fit: Callable[[Path], Purifier]) -> tuple
     pur.save(str(ckpt))
     seconds.write_text(json.dumps({"fit_seconds": fit_s, **({"resumed": True} if resumed else {})}))
     shutil.rmtree(partial, ignore_errors=True)
-    return pur, fit_s
+    return pur, _timing(fit_s, resumed)
 
 
-def _resumed(cache: Path, tag: str) -> bool:
-    """Whether the cached fit <tag> was resumed (its fit seconds are then the sum of its epoch times)."""
-    return bool(json.loads((cache / "fits" / f"{tag}.seconds").read_text()).get("resumed"))
+def _timing(fit_s: float, resumed: bool) -> dict[str, Any]:
+    return {"fit_seconds": fit_s, **({"fit_resumed": True} if resumed else {})}
 
 
 def _final_epoch(metrics: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
@@ -205,11 +206,11 @@ def screen(cache: Path, poison: str, variant: str, n: int, args, test: Any) -> N
     name = variant if args.preset == "cpu-v1" else f"{args.preset}-{variant}"
     tag = f"{poison}__n{n}__{name}__{prec}"
     clean, labels, poisoned, delta = _arrays(Path(args.data), args.matrix_cache, poison, n)
-    pur, fit_s = _cached_fit(cache, tag, lambda partial: fit_two_stage(
+    pur, timing = _cached_fit(cache, tag, lambda partial: fit_two_stage(
         poisoned, labels, DVAEConfig.preset(args.preset, **overrides), progress=not args.quiet, bf16=args.bf16,
         checkpoint_dir=partial))  # fmt: skip
     cell = {"kind": "screen", "poison": poison, "variant": name, "overrides": overrides, "images": n, "precision": prec,
-            "fit_seconds": fit_s, **({"fit_resumed": True} if _resumed(cache, tag) else {}),
+            **timing,
             "steps_per_stage": [max(1, n // pur.cfg.batch_size_for(s)) * pur.cfg.epochs_for(s)
                                                       for s in (1, 2)],  # fmt: skip
             "final_epoch": _final_epoch(pur.metrics),
@@ -243,9 +244,9 @@ def refit_stage2(cache: Path, poison: str, variant: str, args, test: Any) -> Non
                          progress=not args.quiet, desc="stage 2", autocast_dtype=torch.bfloat16 if args.bf16 else None)  # fmt: skip
         return Purifier(base.stage1, stage2, class_names=base.class_names, metrics={"stage2": hist})
 
-    pur, fit_s = _cached_fit(cache, tag, fit)
+    pur, timing = _cached_fit(cache, tag, fit)
     cell = {"kind": "refit2", "poison": poison, "variant": f"s2-{variant}", "overrides": overrides, "images": n,
-            "precision": prec, "fit_seconds": fit_s, "steps_per_stage": cfg.steps_per_epoch(n) * cfg.stage2_epochs,
+            "precision": prec, **timing, "steps_per_stage": cfg.steps_per_epoch(n) * cfg.stage2_epochs,
             "final_epoch": _final_epoch(pur.metrics),
             "results": _measure(cache, tag, _outputs(pur, clean, poisoned, labels), clean, labels, delta, test,
                                 args.classify, args.seeds)}  # fmt: skip

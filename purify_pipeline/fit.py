@@ -31,7 +31,7 @@ from .config import DVAEConfig
 from .models import DVAE
 from .purifier import Purifier
 from .shards import ShardError
-from .train import fit_stage, load_train_state, make_optimizer, save_train_state
+from .train import fit_stage, load_train_state, make_optimizer, recover_train_state, replace_dir, save_train_state
 
 __all__ = ["fit_purifier", "training_dataset"]
 
@@ -85,7 +85,8 @@ class _LocalSession:
         self.device = torch.device("cuda" if config["use_gpu"] else "cpu")
 
     def restore_dir(self) -> str | None:
-        return str(self.ckpt) if (self.ckpt / "state.json").exists() else None
+        d = recover_train_state(self.ckpt)
+        return None if d is None else str(d)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)
@@ -94,16 +95,12 @@ class _LocalSession:
         return self.ds.iterator()
 
     def report(self, metrics: dict, ckpt_dir: str | None) -> None:
-        if ckpt_dir:
-            tmp = self.ckpt.with_name(self.ckpt.name + ".tmp")
-            os.makedirs(tmp, exist_ok=True)
+        def move_in(t: Path) -> None:
             for f in os.listdir(ckpt_dir):
-                os.replace(os.path.join(ckpt_dir, f), tmp / f)
-            if self.ckpt.exists():
-                for f in self.ckpt.iterdir():
-                    f.unlink()
-                self.ckpt.rmdir()
-            os.replace(tmp, self.ckpt)
+                os.replace(os.path.join(ckpt_dir, f), t / f)
+
+        if ckpt_dir:
+            replace_dir(self.ckpt, move_in)
 
 
 class _RaySession:
@@ -202,11 +199,12 @@ def _run_stage(stage: int, ds: Any, cfg: DVAEConfig, run_dir: Path, run_name: st
         else:
             src = _ray_train(config, ds, run_dir, f"{run_name}-stage{stage}", num_workers=num_workers,
                              use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, max_failures=max_failures)  # fmt: skip
-        tmp = stage_dir / "final.tmp"
-        tmp.mkdir(exist_ok=True)
-        for f in ("model.safetensors", "state.json"):
-            (tmp / f).write_bytes(Path(src, f).read_bytes())
-        os.replace(tmp, final)
+
+        def copy_in(t: Path) -> None:
+            for f in ("model.safetensors", "state.json"):  # the weights and the history; the optimizer is done
+                (t / f).write_bytes(Path(src, f).read_bytes())
+
+        replace_dir(final, copy_in)
     model = DVAE(cfg)
     model.load_state_dict(load_file(str(final / "model.safetensors")))
     return model, json.loads((final / "state.json").read_text())["history"]

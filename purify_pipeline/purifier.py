@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,7 +20,8 @@ from ._progress import progress as _progress
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import DVAEConfig
 from .models import DVAE
-from .train import fit_stage, load_train_state, make_optimizer, save_train_state, to_float_nchw
+from .train import (fit_stage, load_train_state, make_optimizer, recover_train_state, replace_dir, save_train_state,
+                    to_float_nchw)
 
 MODES = ("sample", "mean")
 
@@ -298,22 +298,16 @@ def _fit_resumable(model: DVAE, images: np.ndarray, labels: np.ndarray, stage: i
         return fit_stage(model, images, labels, tau=tau, epochs=epochs, **kw)
     model.to(device)  # before the optimizer exists, so restored Adam moments land on the model's device
     opt, sched = make_optimizer(model, cfg, epochs)
-    d, tmp = ckpt / f"stage{stage}", ckpt / f"stage{stage}.tmp"
+    d = ckpt / f"stage{stage}"
     start, history = 0, []
-    # the newest complete checkpoint: tmp is newer than d when a crash came between writing tmp and renaming it
-    saved = [p for p in (d, tmp) if (p / "state.json").exists()]
-    done = max(saved, key=lambda p: json.loads((p / "state.json").read_text())["epoch"], default=None)
+    done = recover_train_state(d)
     if done is not None:
         start, history = load_train_state(str(done), model, opt, sched)
         tau = history[-1].get("tau_next", tau) if history else tau
 
     def save(epoch: int, metrics: dict[str, float]) -> None:
         history.append(metrics)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_train_state(str(tmp), model, opt, epoch, history)
-        shutil.rmtree(d, ignore_errors=True)
-        os.replace(tmp, d)
+        replace_dir(d, lambda t: save_train_state(str(t), model, opt, epoch, history))
 
     fit_stage(model, images, labels, tau=tau, epochs=epochs, start_epoch=start, optimizer=opt, scheduler=sched,
               on_epoch_end=save, **kw)  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -104,6 +105,33 @@ def load_train_state(d: str, model: nn.Module, opt: torch.optim.Optimizer, sched
         for _ in range(meta["epoch"] + 1):
             sched.step()  # the cosine schedule at the resumed epoch, exactly as an uninterrupted run has it
     return meta["epoch"] + 1, meta["history"]
+
+
+def replace_dir(d: Path, fill: Callable[[Path], None]) -> None:
+    """Replace directory `d` by one that `fill` writes, never leaving only a half-written copy: `fill` writes
+    d.tmp, which is then swapped in. A crash at any point leaves a complete `d` or a complete, newer d.tmp, which
+    `recover_train_state` finds."""
+    tmp = d.with_name(d.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    shutil.rmtree(d, ignore_errors=True)
+    os.replace(tmp, d)
+
+
+def recover_train_state(d: Path) -> Path | None:
+    """The newest complete `save_train_state` checkpoint written through `replace_dir(d, ...)`, moved to `d`.
+
+    d.tmp is the newer one when a crash came between finishing it and renaming it (possibly with `d` half
+    deleted); it is renamed into place first, so the next save cannot delete the only good copy."""
+    tmp = d.with_name(d.name + ".tmp")
+    epochs = {p: json.loads((p / "state.json").read_text())["epoch"] for p in (d, tmp) if (p / "state.json").exists()}
+    if not epochs:
+        return None
+    if max(epochs, key=epochs.__getitem__) == tmp:
+        shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)
+    return d
 
 
 def fit_stage(

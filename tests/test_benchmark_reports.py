@@ -61,13 +61,14 @@ def test_ablation_fit_cache_hands_the_fit_its_partial_dir_and_times_a_resumed_fi
         return Purifier(DVAE(cfg), DVAE(cfg), metrics={"stage1": [{"seconds": 2.0}], "stage2": [{"seconds": 3.0}]})
 
     cache = tmp_path / "cache"
-    ablate._cached_fit(cache, "a", fit)
-    assert seen == [cache / "fits" / "a.partial"] and not ablate._resumed(cache, "a")
+    _, fresh = ablate._cached_fit(cache, "a", fit)
+    assert seen == [cache / "fits" / "a.partial"] and "fit_resumed" not in fresh and fresh["fit_seconds"] != 5.0
     (cache / "fits" / "b.partial").mkdir()  # a stopped fit left its epoch checkpoints
-    pur, resumed_s = ablate._cached_fit(cache, "b", fit)
-    assert resumed_s == 5.0 and ablate._resumed(cache, "b") and not (cache / "fits" / "b.partial").exists()
-    again, again_s = ablate._cached_fit(cache, "b", fit)  # finished: loaded, not refitted
-    assert len(seen) == 2 and again_s == 5.0 and again.fingerprint == pur.fingerprint
+    pur, resumed = ablate._cached_fit(cache, "b", fit)
+    assert resumed == {"fit_seconds": 5.0, "fit_resumed": True} and not (cache / "fits" / "b.partial").exists()
+    again, again_timing = ablate._cached_fit(cache, "b", fit)  # finished: loaded, not refitted
+    assert len(seen) == 2 and again_timing == resumed and again.fingerprint == pur.fingerprint
+    assert ablate._cached_fit(cache, "a", fit)[1] == fresh
 
 
 def test_matrix_report_only_on_a_fresh_cache_rebuilds_the_committed_table(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -352,3 +354,63 @@ def test_fit_two_stage_resumes_from_checkpoint_dir_with_the_same_bytes(tmp_path,
         fit_two_stage(x, y, DVAEConfig.preset("tiny", num_classes=2, batch_size=32, epochs=4), progress=False, checkpoint_dir=d)
     with pytest.raises(ValueError, match="another data"):
         fit_two_stage(x[::-1].copy(), y, cfg, progress=False, checkpoint_dir=d)
+
+
+def test_epoch_checkpoints_survive_a_kill_at_every_step_of_the_swap(tmp_path, monkeypatch):
+    """fit_purifier's local session (and fit_two_stage) swap each epoch's checkpoint in through replace_dir; killed
+    while writing it, after deleting the old one or before the rename, the newest complete epoch is what resumes."""
+    from purify_pipeline.fit import _LocalSession
+    from purify_pipeline.train import load_train_state, make_optimizer, save_train_state
+
+    cfg = DVAEConfig.preset("tiny", num_classes=2)
+    model = torch.nn.Linear(3, 2)
+    opt, _ = make_optimizer(model, cfg, epochs=5)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    sess = _LocalSession({"dataset": None, "stage_dir": str(tmp_path), "use_gpu": False})
+    ckpt, tmp = tmp_path / "local-checkpoint", tmp_path / "local-checkpoint.tmp"
+
+    def report(epoch: int) -> None:
+        src = tmp_path / f"written-{epoch}"
+        src.mkdir()
+        save_train_state(str(src), model, opt, epoch, [{"epoch": e} for e in range(epoch + 1)])
+        sess.report({}, str(src))
+
+    def resumes_at() -> int | None:
+        d = sess.restore_dir()
+        if d is None:
+            return None
+        m = torch.nn.Linear(3, 2)
+        o, s = make_optimizer(m, cfg, epochs=5)
+        start, history = load_train_state(d, m, o, s)
+        assert len(history) == start and torch.equal(m.weight, model.weight)
+        return start
+
+    assert resumes_at() is None
+    report(0)
+    assert resumes_at() == 1 and not tmp.exists()
+    real_replace = os.replace
+
+    def killed_before_rename(src, dst):
+        if str(dst) == str(ckpt):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_rename)
+    with pytest.raises(KeyboardInterrupt):
+        report(1)  # epoch 0's checkpoint deleted, epoch 1's complete in .tmp
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not ckpt.exists() and (tmp / "state.json").exists()
+    assert resumes_at() == 2 and not tmp.exists()  # .tmp renamed into place, so the next save cannot delete it
+    tmp.mkdir()
+    (tmp / "model.safetensors").write_bytes(b"half a write")  # killed while writing epoch 2: no state.json
+    assert resumes_at() == 2
+    report(2)
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **kw: (Path(p, "model.safetensors").unlink(missing_ok=True)
+                                                           if Path(p) == ckpt else real_rmtree(p, **kw)))  # fmt: skip
+    with pytest.raises(OSError):  # deleting epoch 2's checkpoint stopped halfway, so renaming onto it failed
+        report(3)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert (ckpt / "state.json").exists() and not (ckpt / "model.safetensors").exists()
+    assert resumes_at() == 4  # the complete epoch 3 in .tmp, not the half-deleted epoch 2
