@@ -137,30 +137,25 @@ def baselines(cache: Path, poison: str, n: int, args, test: Any) -> None:
 
 
 def _cached_fit(cache: Path, tag: str, fit: Callable[[Path], Purifier]) -> tuple[Purifier, dict[str, Any]]:
-    """The purifier cached under fits/<tag>, or fit(partial) saved there; with its timing for the cell:
-    {"fit_seconds": s} plus "fit_resumed": True when the fit was resumed.
+    """The purifier cached under fits/<tag>, or fit(partial) saved there; with the cell's timing, kept in
+    fits/<tag>.seconds: {"fit_seconds": s}, plus "fit_resumed": True when the fit was resumed.
 
     fit gets fits/<tag>.partial for per-epoch checkpoints, so a stopped fit resumes from its last epoch; a resumed
     fit's seconds are the sum of its epoch times (the time of the stopped run is not known otherwise)."""
     ckpt, partial = cache / "fits" / tag, cache / "fits" / f"{tag}.partial"
     seconds = ckpt.parent / f"{tag}.seconds"
     if (ckpt / "config.json").exists():
-        saved = json.loads(seconds.read_text())
-        return Purifier.load(str(ckpt)), _timing(saved["fit_seconds"], bool(saved.get("resumed")))
+        return Purifier.load(str(ckpt)), json.loads(seconds.read_text())
     resumed = partial.exists()
     t0 = time.perf_counter()
     pur = fit(partial)
-    fit_s = time.perf_counter() - t0
+    timing: dict[str, Any] = {"fit_seconds": time.perf_counter() - t0}
     if resumed:
-        fit_s = sum(e.get("seconds", 0.0) for h in pur.metrics.values() for e in h)
+        timing = {"fit_seconds": sum(e.get("seconds", 0.0) for h in pur.metrics.values() for e in h), "fit_resumed": True}
     pur.save(str(ckpt))
-    seconds.write_text(json.dumps({"fit_seconds": fit_s, **({"resumed": True} if resumed else {})}))
+    seconds.write_text(json.dumps(timing))
     shutil.rmtree(partial, ignore_errors=True)
-    return pur, _timing(fit_s, resumed)
-
-
-def _timing(fit_s: float, resumed: bool) -> dict[str, Any]:
-    return {"fit_seconds": fit_s, **({"fit_resumed": True} if resumed else {})}
+    return pur, timing
 
 
 def _final_epoch(metrics: dict[str, list[dict]]) -> dict[str, dict[str, float]]:

@@ -95,11 +95,12 @@ class _LocalSession:
         return self.ds.iterator()
 
     def report(self, metrics: dict, ckpt_dir: str | None) -> None:
-        def move_in(t: Path) -> None:
-            for f in os.listdir(ckpt_dir):
-                os.replace(os.path.join(ckpt_dir, f), t / f)
-
         if ckpt_dir:
+
+            def move_in(t: Path) -> None:
+                for f in sorted(os.listdir(ckpt_dir), key=lambda f: f == "state.json"):  # state.json, the mark, last
+                    os.replace(os.path.join(ckpt_dir, f), t / f)
+
             replace_dir(self.ckpt, move_in)
 
 
@@ -201,7 +202,7 @@ def _run_stage(stage: int, ds: Any, cfg: DVAEConfig, run_dir: Path, run_name: st
                              use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, max_failures=max_failures)  # fmt: skip
 
         def copy_in(t: Path) -> None:
-            for f in ("model.safetensors", "state.json"):  # the weights and the history; the optimizer is done
+            for f in ("model.safetensors", "state.json"):  # weights, then history (the mark, last); no optimizer
                 (t / f).write_bytes(Path(src, f).read_bytes())
 
         replace_dir(final, copy_in)

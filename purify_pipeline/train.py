@@ -87,7 +87,9 @@ def save_train_state(d: str, model: nn.Module, opt: torch.optim.Optimizer, epoch
     st = opt.state_dict()["state"]
     save_file({f"{i}.{n}": t.detach().cpu().contiguous().reshape(t.shape) for i, s in st.items() for n, t in s.items()},
               os.path.join(d, "optimizer.safetensors"))  # fmt: skip
-    Path(d, "state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
+    part = Path(d, "state.json.part")  # renamed, so a kill mid-write never leaves a truncated state.json
+    part.write_text(json.dumps({"epoch": epoch, "history": history}))
+    os.replace(part, Path(d, "state.json"))
 
 
 def load_train_state(d: str, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> tuple[int, list[dict]]:
@@ -108,11 +110,13 @@ def load_train_state(d: str, model: nn.Module, opt: torch.optim.Optimizer, sched
 
 
 def replace_dir(d: Path, fill: Callable[[Path], None]) -> None:
-    """Replace directory `d` by one that `fill` writes, never leaving only a half-written copy: `fill` writes
-    d.tmp, which is then swapped in. A crash at any point leaves a complete `d` or a complete, newer d.tmp, which
-    `recover_train_state` finds."""
+    """Replace directory `d` by one that `fill` writes into d.tmp, which is then swapped in.
+
+    With `fill` writing state.json last (its mark of completeness, as `save_train_state` does) and
+    `recover_train_state(d)` run before the first save, a kill at any point leaves a complete `d` or a complete,
+    newer d.tmp, and no save ever deletes the only complete copy."""
     tmp = d.with_name(d.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # a half-written copy, or one recover_train_state found older than d
     tmp.mkdir(parents=True)
     fill(tmp)
     shutil.rmtree(d, ignore_errors=True)
@@ -120,15 +124,15 @@ def replace_dir(d: Path, fill: Callable[[Path], None]) -> None:
 
 
 def recover_train_state(d: Path) -> Path | None:
-    """The newest complete `save_train_state` checkpoint written through `replace_dir(d, ...)`, moved to `d`.
+    """The newest complete checkpoint written through `replace_dir(d, ...)`, moved to `d`; None if there is none.
 
-    d.tmp is the newer one when a crash came between finishing it and renaming it (possibly with `d` half
+    d.tmp is the newer one when a kill came between finishing it and renaming it (possibly with `d` half
     deleted); it is renamed into place first, so the next save cannot delete the only good copy."""
     tmp = d.with_name(d.name + ".tmp")
     epochs = {p: json.loads((p / "state.json").read_text())["epoch"] for p in (d, tmp) if (p / "state.json").exists()}
     if not epochs:
         return None
-    if max(epochs, key=epochs.__getitem__) == tmp:
+    if max(epochs, key=epochs.__getitem__) == tmp:  # max keeps the first of equals: d wins a tie
         shutil.rmtree(d, ignore_errors=True)
         os.replace(tmp, d)
     return d

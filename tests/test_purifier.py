@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -358,7 +359,7 @@ def test_fit_two_stage_resumes_from_checkpoint_dir_with_the_same_bytes(tmp_path,
 
 def test_epoch_checkpoints_survive_a_kill_at_every_step_of_the_swap(tmp_path, monkeypatch):
     """fit_purifier's local session (and fit_two_stage) swap each epoch's checkpoint in through replace_dir; killed
-    while writing it, after deleting the old one or before the rename, the newest complete epoch is what resumes."""
+    while moving it in, after deleting the old one or before the rename, the newest complete epoch is what resumes."""
     from purify_pipeline.fit import _LocalSession
     from purify_pipeline.train import load_train_state, make_optimizer, save_train_state
 
@@ -371,8 +372,9 @@ def test_epoch_checkpoints_survive_a_kill_at_every_step_of_the_swap(tmp_path, mo
     ckpt, tmp = tmp_path / "local-checkpoint", tmp_path / "local-checkpoint.tmp"
 
     def report(epoch: int) -> None:
-        src = tmp_path / f"written-{epoch}"
-        src.mkdir()
+        with torch.no_grad():
+            model.weight.fill_(epoch)  # each epoch's checkpoint is told apart by its weights
+        src = Path(tempfile.mkdtemp(dir=tmp_path))  # what a worker's save_train_state wrote
         save_train_state(str(src), model, opt, epoch, [{"epoch": e} for e in range(epoch + 1)])
         sess.report({}, str(src))
 
@@ -383,27 +385,33 @@ def test_epoch_checkpoints_survive_a_kill_at_every_step_of_the_swap(tmp_path, mo
         m = torch.nn.Linear(3, 2)
         o, s = make_optimizer(m, cfg, epochs=5)
         start, history = load_train_state(d, m, o, s)
-        assert len(history) == start and torch.equal(m.weight, model.weight)
+        assert [h["epoch"] for h in history] == list(range(start)) and bool((m.weight == start - 1).all())
         return start
+
+    def kill_os_replace_when(hit):
+        real = os.replace
+
+        def replace(src, dst):
+            if hit(Path(src), Path(dst)):
+                raise KeyboardInterrupt
+            real(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
 
     assert resumes_at() is None
     report(0)
     assert resumes_at() == 1 and not tmp.exists()
-    real_replace = os.replace
-
-    def killed_before_rename(src, dst):
-        if str(dst) == str(ckpt):
-            raise KeyboardInterrupt
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", killed_before_rename)
+    kill_os_replace_when(lambda src, dst: dst == ckpt)
     with pytest.raises(KeyboardInterrupt):
         report(1)  # epoch 0's checkpoint deleted, epoch 1's complete in .tmp
-    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.undo()
     assert not ckpt.exists() and (tmp / "state.json").exists()
     assert resumes_at() == 2 and not tmp.exists()  # .tmp renamed into place, so the next save cannot delete it
-    tmp.mkdir()
-    (tmp / "model.safetensors").write_bytes(b"half a write")  # killed while writing epoch 2: no state.json
+    kill_os_replace_when(lambda src, dst: dst.parent == tmp and src.name == "state.json")
+    with pytest.raises(KeyboardInterrupt):
+        report(2)  # killed while moving epoch 2's files in: both safetensors there, state.json (the mark) not
+    monkeypatch.undo()
+    assert (tmp / "model.safetensors").exists() and not (tmp / "state.json").exists()
     assert resumes_at() == 2
     report(2)
     real_rmtree = shutil.rmtree
@@ -411,6 +419,6 @@ def test_epoch_checkpoints_survive_a_kill_at_every_step_of_the_swap(tmp_path, mo
                                                            if Path(p) == ckpt else real_rmtree(p, **kw)))  # fmt: skip
     with pytest.raises(OSError):  # deleting epoch 2's checkpoint stopped halfway, so renaming onto it failed
         report(3)
-    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    monkeypatch.undo()
     assert (ckpt / "state.json").exists() and not (ckpt / "model.safetensors").exists()
     assert resumes_at() == 4  # the complete epoch 3 in .tmp, not the half-deleted epoch 2
