@@ -31,7 +31,7 @@ from .config import DVAEConfig
 from .models import DVAE
 from .purifier import Purifier
 from .shards import ShardError
-from .train import fit_stage, load_train_state, make_optimizer, recover_train_state, replace_dir, save_train_state
+from .train import fit_stage, make_optimizer, recover_train_state, replace_dir, resume_stage, save_train_state
 
 __all__ = ["fit_purifier", "training_dataset"]
 
@@ -150,11 +150,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + 1000 * stage)  # identical initial weights on every rank
     model = DVAE(cfg).to(sess.device)  # before the optimizer, so restored Adam moments land on the model's device
     opt, sched = make_optimizer(model, cfg, epochs)
-    start, history = 0, []
     restore = sess.restore_dir()
-    if restore:
-        start, history = load_train_state(restore, model, opt, sched)
-        tau = history[-1].get("tau_next", tau) if history else tau  # automatic tau chosen before the crash
+    start, history, tau = resume_stage(restore, model, opt, sched, tau)
     model = sess.prepare(model)
     it = sess.iterator()
     per_worker = max(1, cfg.batch_size_for(stage) // sess.world)  # the global batch stays the stage's batch size

@@ -20,7 +20,7 @@ from ._progress import progress as _progress
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import DVAEConfig
 from .models import DVAE
-from .train import (fit_stage, load_train_state, make_optimizer, recover_train_state, replace_dir, save_train_state,
+from .train import (fit_stage, make_optimizer, recover_train_state, replace_dir, resume_stage, save_train_state,
                     to_float_nchw)
 
 MODES = ("sample", "mean")
@@ -299,11 +299,7 @@ def _fit_resumable(model: DVAE, images: np.ndarray, labels: np.ndarray, stage: i
     model.to(device)  # before the optimizer exists, so restored Adam moments land on the model's device
     opt, sched = make_optimizer(model, cfg, epochs)
     d = ckpt / f"stage{stage}"
-    start, history = 0, []
-    done = recover_train_state(d)
-    if done is not None:
-        start, history = load_train_state(str(done), model, opt, sched)
-        tau = history[-1].get("tau_next", tau) if history else tau
+    start, history, tau = resume_stage(recover_train_state(d), model, opt, sched, tau)
 
     def save(epoch: int, metrics: dict[str, float]) -> None:
         history.append(metrics)

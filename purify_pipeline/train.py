@@ -109,6 +109,18 @@ def load_train_state(d: str, model: nn.Module, opt: torch.optim.Optimizer, sched
     return meta["epoch"] + 1, meta["history"]
 
 
+def resume_stage(d: str | Path | None, model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+                 tau: float) -> tuple[int, list[dict], float]:
+    """(start epoch, history, tau) to continue a stage from checkpoint `d`, or to start it when `d` is None.
+
+    tau is the last epoch's `tau_next`: with automatic tau the target chosen before the interruption, not the
+    preset's."""
+    if d is None:
+        return 0, [], tau
+    start, history = load_train_state(str(d), model, opt, sched)
+    return start, history, history[-1].get("tau_next", tau) if history else tau
+
+
 def replace_dir(d: Path, fill: Callable[[Path], None]) -> None:
     """Replace directory `d` by one that `fill` writes into d.tmp, which is then swapped in.
 

@@ -355,6 +355,22 @@ def test_fit_two_stage_resumes_from_checkpoint_dir_with_the_same_bytes(tmp_path,
         fit_two_stage(x, y, DVAEConfig.preset("tiny", num_classes=2, batch_size=32, epochs=4), progress=False, checkpoint_dir=d)
     with pytest.raises(ValueError, match="another data"):
         fit_two_stage(x[::-1].copy(), y, cfg, progress=False, checkpoint_dir=d)
+    # automatic tau: a stage resumed after its warm-up continues under the tau it chose, not the preset's
+    auto = DVAEConfig.preset("tiny", num_classes=2, batch_size=32, epochs=3, epochs_stage2=2, tau_auto_ratio=0.5)
+    want_auto = fit_two_stage(x, y, auto, progress=False)
+    assert want_auto.metrics["stage1"][1]["tau"] != auto.tau(1)  # the warm-up did change tau
+    d = tmp_path / "auto"
+
+    def crash_auto(path, model, opt, e, history):
+        real_save(path, model, opt, e, history)
+        if path.endswith("stage1.tmp") and e == 1:
+            raise Killed
+
+    monkeypatch.setattr(P, "save_train_state", crash_auto)
+    with pytest.raises(Killed):
+        fit_two_stage(x, y, auto, progress=False, checkpoint_dir=d)
+    monkeypatch.setattr(P, "save_train_state", real_save)
+    assert fit_two_stage(x, y, auto, progress=False, checkpoint_dir=d).fingerprint == want_auto.fingerprint
 
 
 def test_epoch_checkpoints_survive_a_kill_at_every_step_of_the_swap(tmp_path, monkeypatch):
