@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -194,6 +195,7 @@ def classify(args: argparse.Namespace, d: dict[str, np.ndarray], x: np.ndarray, 
     delta = (d["poisoned"].astype(np.float64) - d["clean"]) / 255.0
     cell = {"kind": "cell", "tier": "paper", "poison": poison, "defense": "none" if defense == "clean" else defense,
             "seed": args.seed, "test_acc": 100.0 * r["test_acc"], "train_seconds": r["train_seconds"],
+            "torch_threads": torch.get_num_threads(),
             "classifier_epochs": cfg.epochs, "bf16": True, "train_images": len(x), "device": args.device,
             "psnr_vs_clean": psnr(x, d["clean"]) if defense != "clean" else None,
             "retention": retention(x, d["clean"], delta) if defense != "clean" else None, **(extra or {})}  # fmt: skip
@@ -201,7 +203,10 @@ def classify(args: argparse.Namespace, d: dict[str, np.ndarray], x: np.ndarray, 
 
 
 def job(args: argparse.Namespace) -> None:
-    torch.set_num_threads(3)
+    # 3 threads per job (5 jobs share a 16-core GPU host), never more than the cores: with more threads than
+    # cores, torch 2.14.1's oneDNN AVX-512 kernels corrupt the heap (the ResNet-18 backward crashed with a
+    # double free on a 2-core AVX-512 EPYC; 2 threads, or AVX2 kernels, ran clean).
+    torch.set_num_threads(min(3, len(os.sched_getaffinity(0))))
     torch.backends.cudnn.benchmark = True
     out, work = Path(args.out), Path(args.work)
     res = out / "results.jsonl"
