@@ -69,6 +69,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "bs32-tauauto": ({"batch_size": 32, "tau_auto_ratio": 0.8}, "`bs32` (the `cpu` preset's stage 2) with automatic "
                      "tau (0.8 x epoch 1's KL)"),
     "tau1-0.5-seed1": ({"tau1": 0.5, "seed": 1}, "`tau1-0.5` with D-VAE fit seed 1 (a second fit, not a second classifier)"),
+    "tau1-0.5-seed2": ({"tau1": 0.5, "seed": 2}, "`tau1-0.5` with D-VAE fit seed 2 (the third fit)"),
     "seed1": ({"seed": 1}, "the preset with D-VAE fit seed 1: the fit-to-fit spread"),
     "w16": ({"width": 16}, "half the width"),
     "w64": ({"width": 64}, "the paper's width"),
