@@ -71,6 +71,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "tau1-0.5-seed1": ({"tau1": 0.5, "seed": 1}, "`tau1-0.5` with D-VAE fit seed 1 (a second fit, not a second classifier)"),
     "tau1-0.5-seed2": ({"tau1": 0.5, "seed": 2}, "`tau1-0.5` with D-VAE fit seed 2 (the third fit)"),
     "seed1": ({"seed": 1}, "the preset with D-VAE fit seed 1: the fit-to-fit spread"),
+    "seed2": ({"seed": 2}, "the preset with D-VAE fit seed 2: its third fit, paired with `tau1-0.5-seed2`"),
     "w16": ({"width": 16}, "half the width"),
     "w64": ({"width": 64}, "the paper's width"),
 }
