@@ -348,8 +348,9 @@ def report(cache: Path, out: Path, total_s: float | None = None) -> None:
               "fit min = fit + purify through Ray); `s2-<variant>` = that checkpoint's stage 1 with stage 2 refitted "
               "in-process with the variant (fit min = stage 2 alone); screens = both stages fitted "
               "(a fit min marked resumed: continued from per-epoch checkpoints, the sum of its epoch times) "
-              "in-process on the first N images, `cpu-<variant>` from the `cpu` preset, a bare variant from "
-              "`cpu-v1`; any other name = `ablate.py checkpoint`: a purifier fit elsewhere "
+              "in-process on the first N images, `cpu-v2-<variant>` from the `cpu-v2` preset (`cpu` before it took "
+              "tau1 = 0.5; these ran as `--preset cpu` then), `<preset>-<variant>` from another --preset, a bare "
+              "variant from `cpu-v1`; any other name = `ablate.py checkpoint`: a purifier fit elsewhere "
               "(its cell's `fit_on` says where; `paper-h200-50k-ep5` / `paper-h100-50k-ep15` = the `paper` preset, "
               "5+5 / 15+15 epochs on all 50k poisoned images on a GPU, a superset of these 10k; fit min = its epochs' "
               "GPU seconds).", "",

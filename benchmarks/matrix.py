@@ -14,6 +14,7 @@ Results: benchmarks/results/<tier>/ matrix.json, matrix.md, accuracy.png, grid-<
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -71,20 +72,32 @@ def _poisoned(cache: Path, name: str, clean: shards.ShardArrays, seed: int = 0) 
     return x, (x.astype(np.float64) - clean.images) / 255.0
 
 
+def poison_digest(poisoned: np.ndarray) -> str:
+    """Which generation of a poison a cell saw: EM and TAP train a surrogate, so the same seed gives other bytes
+    on another CPU (measured: EM regenerated on an AVX-512 CPU differs from its first, AVX2-era generation)."""
+    return hashlib.sha256(np.ascontiguousarray(poisoned).tobytes()).hexdigest()[:16]
+
+
 def _dvae(cache: Path, name: str, poisoned: np.ndarray, clean: shards.ShardArrays, preset: str, args) -> np.ndarray:
     """Poisoned shards -> fit_purifier (Ray Train) -> purify_shards (Ray Data) -> purified images (cached)."""
     from purify_pipeline import fit_purifier, purify_shards
 
     root = cache / f"dvae-{name}-{preset}"
     src = root / "poisoned"
-    if not (src / "manifest.json").exists():
+    digest = poison_digest(poisoned)
+    if (src / "manifest.json").exists():
+        have = json.loads((src / "manifest.json").read_text()).get("poison_sha256")
+        if have not in (None, digest):  # fits cached before digests were recorded carry none
+            raise RuntimeError(f"{src}: shards of poison generation {have}, but the cached {name} poison is {digest}; "
+                               f"move {root} away to refit on the current poison")  # fmt: skip
+    else:
         src.mkdir(parents=True, exist_ok=True)
         per = 1000
         for i in range(0, len(poisoned), per):
             rows = [{"__key__": k, "png": shards.encode_png(img), "cls": str(int(y)).encode()}
                     for k, img, y in zip(clean.keys[i : i + per], poisoned[i : i + per], clean.labels[i : i + per])]  # fmt: skip
             shards.write_shard(str(src / shards.shard_name("train", i // per)), rows)
-        shards.write_manifest(str(src), {"classes": [str(c) for c in range(10)], "poison": name})
+        shards.write_manifest(str(src), {"classes": [str(c) for c in range(10)], "poison": name, "poison_sha256": digest})
     ckpt = root / "checkpoint"
     t0 = time.perf_counter()
     if not (ckpt / "config.json").exists():
@@ -108,7 +121,8 @@ def cell_name(c: dict[str, Any]) -> str:
 
 
 def run_cell(cache: Path, poison: str, defense: str, seed: int, train_x: np.ndarray, clean: shards.ShardArrays,
-             delta: np.ndarray | None, test: shards.ShardArrays, clf: ClassifierConfig, args) -> None:  # fmt: skip
+             delta: np.ndarray | None, test: shards.ShardArrays, clf: ClassifierConfig, args,
+             poison_sha: str | None = None) -> None:  # fmt: skip
     f = cache / "cells" / f"{cell_name({'poison': poison, 'defense': defense, 'seed': seed})}.json"
     if f.exists():
         return
@@ -117,7 +131,8 @@ def run_cell(cache: Path, poison: str, defense: str, seed: int, train_x: np.ndar
                            progress_bar=not args.quiet)  # fmt: skip
     cell = {"poison": poison, "defense": defense, "seed": seed, "test_acc": 100.0 * res["test_acc"],
             "train_seconds": time.perf_counter() - t0, "psnr_vs_clean": psnr(train_x, clean.images) if poison != "clean" else None,
-            "retention": retention(train_x, clean.images, delta) if delta is not None else None}  # fmt: skip
+            "retention": retention(train_x, clean.images, delta) if delta is not None else None,
+            "poison_sha256": poison_sha}  # fmt: skip
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(cell))
     print(f"{poison:>9} {defense:>9} seed {seed}: {cell['test_acc']:.1f}%", flush=True)
@@ -169,6 +184,17 @@ def report(out: Path, cells: list[dict], facts: dict, tier: str, total_s: float,
         lines.append(f"| {p} | " + " | ".join(
             "—" if (s := get.get((p, d))) is None or s["retention"] is None else f"{s['retention']:.2f} / {s['psnr']:.1f}"
             for d in defs) + " |")  # fmt: skip
+    gens = {p: {c.get("poison_sha256") for c in cells if c["poison"] == p} for p in pois if p != "clean"}
+    mixed = {p: g for p, g in gens.items() if len(g) > 1 or (g - {None} and None in g)}
+    if mixed:  # a cached poison regenerated (EM/TAP on another CPU) after some of its cells were measured
+        lines += ["", "Rows whose cells saw different poison generations (sha256 prefix of the poisoned training images; "
+                  "`unrecorded` = measured before cells recorded it):", ""]  # fmt: skip
+        for p in mixed:
+            by = {}
+            for c in cells:
+                if c["poison"] == p:
+                    by.setdefault(c.get("poison_sha256") or "unrecorded", set()).add(c["defense"])
+            lines.append(f"- {p}: " + "; ".join(f"{g}: {', '.join(sorted(ds))}" for g, ds in by.items()))
     (out / "matrix.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(pois), 3.4))
     w = 0.8 / max(len(defs), 1)
@@ -245,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         run_cell(cache, "clean", "none", s, clean.images, clean, None, test, clf, args)
     for name in args.poisons or tier["poisons"]:
         poisoned, delta = _poisoned(cache, name, clean)
+        psha = poison_digest(poisoned)
         purified: dict[str, np.ndarray] = {}
         for d in args.defenses:
             if d == "dvae":
@@ -256,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
                 purified[label] = x
             seeds = args.seeds if d in args.extra_seed_defenses else args.seeds[:1]
             for s in seeds:
-                run_cell(cache, name, label, s, x, clean, delta, test, clf, args)
+                run_cell(cache, name, label, s, x, clean, delta, test, clf, args, poison_sha=psha)
         if {"dvae", "jpeg10", "grayscale"} <= set(args.defenses) or not (out / f"grid-{name}.png").exists():
             _grid(out / f"grid-{name}.png", clean.images, poisoned, purified)  # a partial re-run keeps the full grid
         report_from_cache(cache, out, args)

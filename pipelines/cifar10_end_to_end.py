@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="working directory (created)")
     ap.add_argument("--images", type=int, default=2000, help="training images to poison (multiple of 10)")
     ap.add_argument("--test-images", type=int, default=2000)
-    ap.add_argument("--preset", default="cpu", help="D-VAE preset: tiny | small | cpu | cpu-v1 | paper")
+    ap.add_argument("--preset", default="cpu", help="D-VAE preset: tiny | small | cpu | cpu-v2 | cpu-v1 | paper")
     ap.add_argument("--classifier", default="fast", help="classifier preset: tiny | fast | paper")
     ap.add_argument("--poison", default="lsp")
     ap.add_argument("--gpu", action="store_true")

@@ -289,7 +289,8 @@ def fit_purifier(
     run_name = run_name or f"fit-{ident}"
     if not resume:
         run_name = f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
-    run_dir = Path(storage_path or f"{str(output).rstrip('/')}.runs") / run_name
+    # absolute: Ray Train reads a relative storage path as a URI without a scheme and its controller dies
+    run_dir = Path(storage_path or f"{str(output).rstrip('/')}.runs").resolve() / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         ray.init()

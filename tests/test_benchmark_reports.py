@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -105,3 +108,31 @@ def test_matrix_partial_run_updates_its_cells_and_keeps_the_others(cifar10_dir: 
     assert got[("ops", "jpeg10")]["test_acc"] == 42.0 and "restored_from" not in got[("lsp", "jpeg10")]
     assert got[("lsp", "none")]["retention"] == 1.0  # measured here: the undefended set is the poison
     assert "| ops | — | 42.0 |" in (out / "matrix.md").read_text()
+    sha = _bench_module("matrix").poison_digest(np.load(cache / "poisoned-lsp.npz")["images"])
+    assert got[("lsp", "none")]["poison_sha256"] == got[("lsp", "jpeg10")]["poison_sha256"] == sha
+
+
+def test_matrix_report_names_rows_whose_cells_saw_different_poison_generations(tmp_path: Path) -> None:
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    out.mkdir()
+    cells = [{"poison": "em", "defense": d, "seed": 0, "test_acc": 70.0, "train_seconds": 1.0, "psnr_vs_clean": 24.0,
+              "retention": 0.1, **({"poison_sha256": g} if g else {})}
+             for d, g in (("none", None), ("jpeg10", None), ("dvae", "aaaa"))] + [
+             {"poison": "ar", "defense": "none", "seed": 0, "test_acc": 11.0, "train_seconds": 1.0, "psnr_vs_clean": 35.0,
+              "retention": 1.0, "poison_sha256": "bbbb"}]  # fmt: skip
+    (out / "matrix.json").write_text(json.dumps({"tier": "cpu-mini", "cells": cells}))
+    run = subprocess.run([sys.executable, str(BENCH / "matrix.py"), "--tier", "cpu-mini", "--report-only", "--cache",
+                          str(cache), "--out", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    md = (out / "matrix.md").read_text()
+    assert "- em: aaaa: dvae; unrecorded: jpeg10, none" in md
+    assert "- ar:" not in md  # one generation: nothing to flag
+
+
+def test_matrix_refuses_a_cached_dvae_fit_made_on_another_poison_generation(tmp_path: Path) -> None:
+    m = _bench_module("matrix")
+    src = tmp_path / "dvae-em-cpu" / "poisoned"
+    src.mkdir(parents=True)
+    (src / "manifest.json").write_text(json.dumps({"poison": "em", "poison_sha256": "0123456789abcdef"}))
+    with pytest.raises(RuntimeError, match="poison generation 0123456789abcdef"):
+        m._dvae(tmp_path, "em", np.zeros((2, 4, 4, 3), np.uint8), None, "cpu", None)

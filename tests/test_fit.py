@@ -39,7 +39,7 @@ def _history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_worker_fit_gives_a_checkpoint_purify_shards_uses(small_shards, tmp_path, ray_session):
+def test_two_worker_fit_gives_a_checkpoint_purify_shards_uses(small_shards, tmp_path, ray_session, monkeypatch):
     out = fit_purifier(small_shards, preset=_cfg(), output=str(tmp_path / "ckpt"), num_workers=2,
                        storage_path=str(tmp_path / "runs"), run_name="two", progress=False)  # fmt: skip
     pur = Purifier.load(out)
@@ -61,9 +61,11 @@ def test_two_worker_fit_gives_a_checkpoint_purify_shards_uses(small_shards, tmp_
     assert np.array_equal(s1.images, want)
     assert not np.array_equal(s1.images, inp.images)
 
-    # one worker, same seed: a similar loss (DDP averages gradients over the same global batch)
-    out1 = fit_purifier(small_shards, preset=_cfg(), output=str(tmp_path / "ckpt1"), num_workers=1,
-                        storage_path=str(tmp_path / "runs"), run_name="one", progress=False)  # fmt: skip
+    # one worker, same seed: a similar loss (DDP averages gradients over the same global batch); relative paths,
+    # as in the module's example, with the run state in the default `<output>.runs`
+    monkeypatch.chdir(tmp_path)
+    out1 = fit_purifier(small_shards, preset=_cfg(), output="ckpt1", num_workers=1, run_name="one", progress=False)
+    assert (tmp_path / "ckpt1.runs" / "one" / "metrics.jsonl").exists()
     assert Purifier.load(out1).metrics["stage1"][0]["torch_threads"] == (os.cpu_count() or 1)
     l1 = Purifier.load(out1).metrics["stage1"][-1]["loss"]
     l2 = pur.metrics["stage1"][-1]["loss"]
