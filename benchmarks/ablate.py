@@ -1,4 +1,4 @@
-"""D-VAE ablations (issue 8): which schedule, constraint and output recover the most accuracy?
+"""D-VAE ablations: which schedule, constraint and output recover the most accuracy?
 
     python benchmarks/ablate.py screen --poisons lsp --variants base bs32 ep30 tau2-1.5 pclass1  # 2k-image fits
     python benchmarks/ablate.py outputs --poisons lsp ar ops em    # x1 / x2' / x̂2 of the matrix's 10k fits
@@ -8,7 +8,7 @@
 
 `screen` fits both D-VAE stages in-process (`fit_two_stage`) on the first --images poisoned training images of
 the cpu-mini tier (class-balanced shards; the poisoned sets come from the accuracy matrix's cache, made if
-missing), one variant = the `cpu-v1` preset (`cpu` before this ablation promoted stage 2 at batch 32) plus the
+missing), one variant = the `cpu-v1` preset (width 32, 15+15 epochs, stage 2 at batch 128) plus the
 overrides in VARIANTS. `outputs` re-uses the matrix's 10k `cpu-v1` `fit_purifier` checkpoints; `refit2` keeps
 their stage 1 and refits stage 2 alone with a variant; `checkpoint`
 measures any saved purifier (e.g. a `paper` fit on all 50k images from a GPU, benchmarks/paper_gpu.py) on the
@@ -317,7 +317,7 @@ def report(cache: Path, out: Path, total_s: float | None = None) -> None:
     compute_s += json.loads(prior.read_text()) if prior.exists() else 0.0
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps({"cells": cells, "compute_seconds": compute_s, "machine": facts}, indent=1))
-    lines = ["# D-VAE ablations (issue 8)", "", f"Command: `{facts['command']}`  ",
+    lines = ["# D-VAE ablations", "", f"Command: `{facts['command']}`  ",
              f"Machine: {facts['cpu_count']} CPUs, torch {facts['torch']}, ray {facts['ray']}, CPU. Summed compute of "
              f"every cached fit and classifier run: {compute_s / 60:.1f} min.", "",
              "Each entry: fast-classifier clean test accuracy % on all 10k test images (mean ± half-range over "
@@ -343,13 +343,13 @@ def report(cache: Path, out: Path, total_s: float | None = None) -> None:
                          f"| {_fmt(r.get('xhat2_mean'))} | {_fmt(r.get('final'))} "
                          f"| {p1s} | {_kl_tau(c)} |")  # fmt: skip
         lines.append("")
-    lines += ["Cells: `matrix-cpu` = the accuracy matrix's `fit_purifier` checkpoint (`cpu-v1` preset, the `cpu` "
-              "preset before this ablation, 10k poisoned images; "
+    lines += ["Cells: `matrix-cpu` = the accuracy matrix's `fit_purifier` checkpoint (`cpu-v1` preset: stage 2 at "
+              "batch 128, 10k poisoned images; "
               "fit min = fit + purify through Ray); `s2-<variant>` = that checkpoint's stage 1 with stage 2 refitted "
               "in-process with the variant (fit min = stage 2 alone); screens = both stages fitted "
               "(a fit min marked resumed: continued from per-epoch checkpoints, the sum of its epoch times) "
-              "in-process on the first N images, `cpu-v2-<variant>` from the `cpu-v2` preset (`cpu` before it took "
-              "tau1 = 0.5; these ran as `--preset cpu` then), `<preset>-<variant>` from another --preset, a bare "
+              "in-process on the first N images, `cpu-v2-<variant>` from the `cpu-v2` preset (`cpu` with "
+              "the paper's tau1 = 1; `--preset cpu-v2` re-runs or restores them), `<preset>-<variant>` from another --preset, a bare "
               "variant from `cpu-v1`; any other name = `ablate.py checkpoint`: a purifier fit elsewhere "
               "(its cell's `fit_on` says where; `paper-h200-50k-ep5` / `paper-h100-50k-ep15` = the `paper` preset, "
               "5+5 / 15+15 epochs on all 50k poisoned images on a GPU, a superset of these 10k; fit min = its epochs' "
