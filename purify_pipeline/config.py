@@ -17,17 +17,18 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     # Sized for a 2-core CPU: both stages on 10k CIFAR-10 images plus purification in 27-40 minutes (bf16;
     # the cpu-mini matrix's step_seconds). Stage 2 runs at batch 32 (4x the optimiser steps of batch 128 in
-    # about the same CPU time): issue 8 measured 4-5 dB sharper outputs at about the same poison retention,
-    # and D-VAE ahead of JPEG-10 on LSP, AR, OPS and EM (README).
+    # about the same CPU time): the ablation measured 4-5 dB sharper outputs at about the same poison retention,
+    # and D-VAE ahead of JPEG-10 on LSP, AR, OPS and EM (benchmarks/results/ablation/README.md).
     # Stage 1 at tau1 = 0.5 (half the paper's KL target for stage 1's latent; why it helps is not settled: its
-    # p-hat_1 explains less of the poison than tau1 = 1's, README). Issue 8's end-to-end re-measure (fit_purifier
-    # + purify_shards, 2 classifier seeds, README):
+    # p-hat_1 explains less of the poison than tau1 = 1's, benchmarks/results/ablation/README.md). End to end
+    # (fit_purifier + purify_shards, 2 classifier seeds, benchmarks/results/cpu-mini/README.md):
     # LSP/AR/OPS/EM 71.9/72.8/72.0/70.8 (mean 71.9) against tau1 = 1's 71.4/72.2/72.3/69.5 (mean 71.3), at
-    # slightly lower retention and the same PSNR (24.1-24.7 dB).
+    # slightly lower retention and the same PSNR (24.1-24.7 dB); on matched EM/TAP poison bytes
+    # (benchmarks/results/cpu-mini-regen) the two tie: four-poison mean 71.9 against 72.0.
     "cpu": {"width": 32, "epochs": 15, "batch_size_stage2": 32, "tau1": 0.5},
-    # The `cpu` preset before its tau1 = 0.5 (stage 2 at batch 32, the paper's tau1 = 1).
+    # `cpu` with the paper's tau1 = 1 (stage 2 at batch 32).
     "cpu-v2": {"width": 32, "epochs": 15, "batch_size_stage2": 32},
-    # The `cpu` preset before issue 8 (stage 2 at batch 128): blurrier outputs, below JPEG-10 at 10k images.
+    # `cpu-v2` with stage 2 at batch 128: blurrier outputs, below JPEG-10 at 10k images.
     "cpu-v1": {"width": 32, "epochs": 15},
     # Quick look / demos: about 12 minutes on 10k images, 3 on 2,500 (projected in benchmarks/results/fit/cpu.json).
     "small": {"width": 16, "epochs": 8},
@@ -59,7 +60,8 @@ class DVAEConfig:
     kl_weight: float = 0.01
     # opt-in, beyond the paper (0 = off, the hand-set tau1/tau2): automatic tau. After `tau_auto_warmup` epochs
     # under the hand-set tau, a stage's tau becomes tau_auto_ratio x the KL its last warm-up epoch reached: a rate
-    # target set relative to the data instead of in nats. Issue 8: the KL follows tau; at 0.8 no accuracy gained
+    # target set relative to the data instead of in nats. Measured (benchmarks/results/ablation/README.md): the KL
+    # follows tau; at 0.8 no accuracy gained
     tau_auto_ratio: float = 0.0
     tau_auto_warmup: int = 1
     # perturbation-energy hinge max(mean(p^2), floor), active when epoch > energy_start_epoch (0-based)
