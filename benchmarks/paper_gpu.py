@@ -3,11 +3,11 @@
     python benchmarks/paper_gpu.py --data DIR/cifar10 --out OUT --poison lsp --budget-s 420
     python benchmarks/paper_gpu.py --smoke --device cpu --out /tmp/smoke     # every code path in a minute
     python benchmarks/paper_gpu.py ... --poison em --poison-set surrogate=small --poison-set max_rounds=10
-                                          # EM within one short GPU session; the changed settings are recorded
+                                          # EM within a short GPU run; the changed settings are recorded
     python benchmarks/paper_gpu.py --report RUN1/results.jsonl RUN2/results.jsonl --samples RUN1/samples.npz
                                           # -> benchmarks/results/paper/ (matrix.json/md, accuracy.png, grid-lsp.png)
 
-Why not matrix.py: the GPU machine lent to sessions has PyTorch but no Ray, so matrix.py's product path
+Why not matrix.py: the GPU machines it ran on have PyTorch but no Ray, so matrix.py's product path
 (`fit_purifier` on Ray Train, `purify_shards` on Ray Data) cannot run there. This script calls the same library
 functions in-process (`fit_two_stage`, `Purifier.purify`, `train_classifier`) and writes cells in matrix.py's
 format. Two phases:

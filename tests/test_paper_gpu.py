@@ -1,4 +1,4 @@
-"""benchmarks/paper_gpu.py, the GPU paper-tier script, kept from rotting between GPU sessions: its smoke mode
+"""benchmarks/paper_gpu.py, the GPU paper-tier script, kept from rotting between GPU runs: its smoke mode
 runs every code path on the CPU (tiny widths, 1k images, one epoch), then --report builds the results."""
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_paper_gpu_smoke_and_report(cifar10_dir: Path, tmp_path: Path) -> None:
 
 
 def test_paper_gpu_poison_overrides_are_applied_and_recorded(cifar10_dir: Path, tmp_path: Path) -> None:
-    """--poison-set (e.g. a small EM surrogate and a round cap, to fit a GPU session) reaches the poison and the
+    """--poison-set (e.g. a small EM surrogate and a round cap, to fit a short GPU run) reaches the poison and the
     record, so a changed poison never poses as the paper's."""
     out = tmp_path / "em"
     run = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--data", str(cifar10_dir),
