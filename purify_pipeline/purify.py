@@ -22,6 +22,8 @@ purified CIFAR-size PNGs are ~2-3 KB, i.e. tens of MB/s at 20k images/s, well wi
 """
 from __future__ import annotations
 
+import json
+import re
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -30,7 +32,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from . import shards
+from . import outdir, shards
 from ._progress import progress, progress_enabled
 from .shards import ShardError
 from .stage import PurifyStage
@@ -65,25 +67,34 @@ class PurifySummary:
 
 def read_shards(batch: dict[str, np.ndarray], *, on_error: str = "raise", chunk_rows: int = 256,
                 storage_options: Mapping[str, Any] | None = None):  # fmt: skip
-    """Ray Data task UDF over rows ``{"index", "url"}``: streams each shard and yields its samples as raw bytes.
+    """Ray Data task UDF over rows ``{"index", "url"}`` (optionally ``"dups"``: JSON ``{pos: [key, reason]}``
+    of samples to quarantine as duplicates): streams each shard and yields its samples as raw bytes.
 
     Every row carries ``__key__``, ``__url__``, ``__index__`` (input-shard index), ``__pos__`` (position in
     the tar), ``__total__`` (the shard's sample count, so the writer knows when a shard is complete) and
     ``__error__``. A shard is read whole before its first chunk is emitted, because ``__total__`` is only
-    known at its end. With on_error="skip", a truncated tar yields its complete samples plus one quarantined
-    row for the damaged sample; with "raise" it raises ShardError naming the shard and key.
+    known at its end. Every sample group of the tar is one row (`shards.iter_records`): with on_error="skip"
+    a bad group (no extension, duplicate or non-adjacent members, truncation) is a row with ``__error__``
+    and reading goes on where the tar allows; with "raise" the first one raises ShardError naming shard and key.
     """
     so = dict(storage_options or {})
-    for index, url in zip(batch["index"], batch["url"]):
-        samples, url = [], str(url)
-        try:
-            for s in shards.iter_samples(url, storage_options=so):
-                samples.append(s)
-        except ShardError as e:
-            if on_error == "raise":
-                raise
-            key = e.key if e.key is not None else f"<after {len(samples)} samples>"
-            samples.append({"__key__": key, "__url__": url, ERROR_COL: str(e)})
+    dup_col = batch.get("dups")
+    for j, (index, url) in enumerate(zip(batch["index"], batch["url"])):
+        url = str(url)
+        dups = {int(k): v for k, v in json.loads(str(dup_col[j])).items()} if dup_col is not None else {}
+        samples = list(shards.iter_records(url, storage_options=so))
+        split = {s["__key__"] for s in samples if s.get("__error__", "").startswith("members of this sample are not")}
+        for s in samples:
+            if s["__key__"] in split:  # every part of a split sample is bad, not only the later ones
+                s.setdefault("__error__", "members of this sample are not adjacent in the tar")
+            if s["__pos__"] in dups and dups[s["__pos__"]][0] == s["__key__"]:
+                s.setdefault("__error__", dups[s["__pos__"]][1])
+            if "__error__" in s:
+                key = None if s.pop("__shard_error__", False) else s["__key__"]
+                err = ShardError(s["__error__"], shard=url, key=key)
+                if on_error == "raise":
+                    raise err
+                s[ERROR_COL] = str(err)
         cols = sorted({c for s in samples for c in s if not c.startswith("__")})
         total = len(samples)
         for start in range(0, total, chunk_rows):
@@ -114,8 +125,6 @@ def _done_shards(manifest: dict | None, urls: list[str], output: str, fingerprin
     """Manifest entries of shards a previous run finished and that are still intact on disk."""
     if not manifest:
         return {}
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{output}: manifest.json is not a purify_shards manifest; use another output directory")
     if manifest.get("checkpoint_fingerprint") != fingerprint or manifest.get("settings") != settings:
         raise ValueError(f"{output} holds shards purified with another checkpoint or settings "
                          f"({manifest.get('checkpoint_fingerprint', '?')[:12]}…, {manifest.get('settings')}); "
@@ -125,25 +134,60 @@ def _done_shards(manifest: dict | None, urls: list[str], output: str, fingerprin
         i = entry["index"]
         if i >= len(urls) or entry["input"] != urls[i]:
             continue
-        out_url = shards.join(output, entry["output"])
+        files = [(entry["output"], entry["sha256"])]
+        if entry.get("quarantine"):
+            files.append((entry["quarantine"], entry["quarantine_sha256"]))
         try:
-            if verify and shards.sha256_file(out_url, storage_options=storage_options) != entry["sha256"]:
-                continue
-            if not verify and not shards.fs_path(out_url, storage_options)[0].exists(out_url):
-                continue
+            for name, sha in files:
+                url = shards.join(output, name)
+                if verify and shards.sha256_file(url, storage_options=storage_options) != sha:
+                    break
+                if not verify and not shards.fs_path(url, storage_options)[0].exists(url):
+                    break
+            else:
+                done[i] = entry
         except FileNotFoundError:
             continue
-        done[i] = entry
     return done
 
 
-def _clean_tmp(output: str, storage_options: Mapping[str, Any]) -> None:
-    """Remove temporary files a crashed run left behind (they never carry a final shard name)."""
-    fs, path = shards.fs_path(output, storage_options)
-    if not fs.exists(path):
-        return
-    for p in fs.glob(path.rstrip("/") + f"/*{shards.TMP_MARKER}*"):
-        fs.rm(p)
+def _listed(manifest: dict) -> set[str]:
+    return {n for e in manifest.get("shards", []) for n in (e.get("output"), e.get("quarantine")) if n}
+
+
+def _prepare_output(output: str, urls: list[str], prefix: str, overwrite: bool,
+                    storage_options: Mapping[str, Any]) -> tuple[dict | None, list[str], list[str]]:  # fmt: skip
+    """Check that the job may write into ``output``; returns (the previous run's manifest or None, its files
+    to delete, prefixes of its temporary files to delete): the caller deletes them once the settings check
+    passed, so a refused run deletes nothing. Refuses, before anything is deleted or written:
+    an output that is the inputs' directory; a manifest.json of something else (even with overwrite); a
+    directory without this job's manifest holding a file the job would write; with a manifest, a file named
+    like the job's shards that neither the old nor the new input list accounts for. Deletes only this job's
+    own files: crash leftovers ``<own name>.tmp-<hex>`` and shards its old manifest lists (or its old input
+    list names) that the new run will not rewrite (stale shards of a longer input list, another prefix)."""
+    outdir.check_not_input(output, urls)
+    old = shards.read_manifest(output, storage_options=storage_options)
+    present = outdir.existing_names(output, storage_options)
+    new_names = outdir.own_names(prefix, len(urls))
+    if old is None:
+        clash = sorted(present & new_names)
+        if clash:
+            raise ValueError(f"{output} has no purify_shards manifest but holds {', '.join(clash[:3])}"
+                             f"{' ...' if len(clash) > 3 else ''}, which this job would overwrite; "
+                             "use an empty or new output directory")  # fmt: skip
+        return None, [], []
+    if old.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{output}: manifest.json is not a purify_shards manifest (it is not this job's "
+                         "output directory; overwrite does not apply); use another output directory")  # fmt: skip
+    old_prefix = str((old.get("settings") or {}).get("prefix", prefix))
+    ours = _listed(old) | outdir.own_names(old_prefix, len(old.get("inputs") or []))
+    strangers = sorted(n for n in present - ours - new_names
+                       if re.fullmatch(rf"(?:{outdir.QUARANTINE_DIR}/)?{re.escape(prefix)}-\d{{6}}\.tar", n))  # fmt: skip
+    if strangers:
+        raise ValueError(f"{output} holds {', '.join(strangers[:3])}, named like this job's shards but not "
+                         "written by it (not in its manifest); move it away or use another output directory")  # fmt: skip
+    stale = sorted((present & ours) - new_names - {shards.MANIFEST_NAME})
+    return old, stale, sorted({prefix, old_prefix})
 
 
 class _ShardAssembler:
@@ -191,11 +235,18 @@ class _ShardAssembler:
         rows.sort(key=lambda r: r["__pos__"])
         good = [{"__key__": r["__key__"], **{c: r[c] for c in sorted(r) if not c.startswith("__")}}
                 for r in rows if not r[ERROR_COL]]  # fmt: skip
+        bad = [r for r in rows if r[ERROR_COL]]
         name = shards.shard_name(self.prefix, i)
         info = shards.write_shard(shards.join(self.output, name), good, storage_options=self.so)
-        return {"index": i, "input": self.urls[i], "output": name, "input_count": len(rows),
-                "output_count": info.count, "sha256": info.sha256,
-                "quarantined": [{"key": r["__key__"], "error": r[ERROR_COL]} for r in rows if r[ERROR_COL]]}  # fmt: skip
+        entry = {"index": i, "input": self.urls[i], "output": name, "input_count": len(rows),
+                 "output_count": info.count, "sha256": info.sha256,
+                 "quarantined": [{"key": r["__key__"], "error": r[ERROR_COL]} for r in bad]}  # fmt: skip
+        if bad:
+            entry.update(write_quarantine(self.urls[i], self.output, name, bad, self.so))
+        if entry["input_count"] != entry["output_count"] + len(bad):  # never report a shard that lost samples
+            raise RuntimeError(f"{self.urls[i]}: {len(rows)} samples read but {info.count} written + {len(bad)} "
+                               "quarantined")  # fmt: skip
+        return entry
 
     def _finish(self, fut: Future) -> None:
         entry = fut.result()
@@ -209,6 +260,30 @@ class _ShardAssembler:
         self.bar.set_postfix(img_s=f"{rate:.0f}", quarantined=self.quarantined)
         if self.callback is not None:
             self.callback(dict(entry))
+
+
+def write_quarantine(url: str, output: str, name: str, bad: list[dict[str, Any]],
+                     storage_options: Mapping[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Write ``<output>/quarantine/<name>``: every quarantined sample of input shard ``url`` with its original
+    members, re-read from the input exactly as stored, as ``<pos:06d>/<member name>`` (pos: the sample's
+    position in the input shard) plus ``<pos:06d>/<key>.quarantine.json`` (shard, key, position, reason)."""
+    want = {int(r["__pos__"]): r for r in bad}
+    groups = []
+    for rec in shards.iter_records(url, storage_options=storage_options, raw=True):
+        r = want.get(rec["__pos__"])
+        if r is None:
+            continue
+        if rec["__key__"] != r["__key__"]:
+            raise RuntimeError(f"{url} changed while it was being purified (sample #{rec['__pos__']})")
+        pre = f"{rec['__pos__']:06d}/"
+        why = {"shard": url, "key": r["__key__"], "position": int(r["__pos__"]), "error": r[ERROR_COL]}
+        groups.append([(pre + m, data) for m, data in rec["__members__"]]
+                      + [(f"{pre}{r['__key__']}.quarantine.json", json.dumps(why, sort_keys=True).encode())])
+    if len(groups) != len(want):
+        raise RuntimeError(f"{url}: {len(want)} samples to quarantine but {len(groups)} found when re-reading it")
+    qname = f"{outdir.QUARANTINE_DIR}/{name}"
+    info = shards.write_members(shards.join(output, qname), groups, storage_options=storage_options)
+    return {"quarantine": qname, "quarantine_sha256": info.sha256}
 
 
 def save_manifest(output: str, manifest: dict, entries: dict[int, dict], n_shards: int,
@@ -248,6 +323,7 @@ def purify_shards(
     show_progress: bool = True,
     on_shard_written: Callable[[dict[str, Any]], None] | None = None,
     stages: int = 2,
+    check_keys: bool = True,
 ) -> PurifySummary:
     """Purify WebDataset shards with a D-VAE checkpoint; write ``<output>/<prefix>-NNNNNN.tar`` + manifest.
 
@@ -255,9 +331,17 @@ def purify_shards(
     from the i-th input); output: directory or URL (one run at a time per output);
     storage_options: fsspec options for inputs, output and checkpoint (e.g. s3 endpoint and keys).
     The image member becomes ``<key>.png`` (lossless); every other member is copied byte-identical.
-    on_error="skip" quarantines bad samples (listed in the manifest) instead of failing; per shard,
-    input count = output count + quarantined. Re-running after an interruption finishes only the
-    missing shards (``overwrite=True`` starts over). ``on_shard_written(entry)`` is called after each shard.
+    Every sample group of every tar is counted (`shards.iter_records`); per shard input count = output count
+    + quarantined, checked before a shard is recorded. on_error="skip" quarantines bad samples instead of
+    failing: listed in the manifest and kept, original members byte for byte, in
+    ``<output>/quarantine/<prefix>-NNNNNN.tar`` (see `write_quarantine`); "raise" stops at the first.
+    Keys must be unique across the inputs (the noise is seeded by the key; check_keys=False skips the
+    header scan that checks it): a repeated key raises, or with "skip" its later occurrences are quarantined.
+    The image member is found per sample (jpg/jpeg/png/webp/npy may mix) unless image_column names it.
+    Re-running after an interruption finishes only the missing shards (``overwrite=True`` starts over);
+    the job never deletes or overwrites a file it did not write (see `_prepare_output`), and the manifest
+    holds no timestamps or run ids, so identical runs write identical bytes, manifest included.
+    ``on_shard_written(entry)`` is called after each shard.
     stages=1 writes the stage-1 output only (used by `fit_purifier` to build stage 2's training set).
     actors/num_cpus/num_gpus/threads/batch_size as in ``PurifyStage``; read_num_cpus: CPUs per read task.
     Returns a `PurifySummary` (also printed when progress is shown).
@@ -281,13 +365,19 @@ def purify_shards(
     fs, out_path = shards.fs_path(output, so)
     if shards.is_local(fs):
         fs.makedirs(out_path, exist_ok=True)
-    _clean_tmp(output, so)
-    old = None if overwrite else shards.read_manifest(output, storage_options=so)
-    entries = _done_shards(old, urls, output, fingerprint, settings, so, verify)
+    old, stale, tmp_prefixes = _prepare_output(output, urls, prefix, overwrite, so)
+    entries = _done_shards(None if overwrite else old, urls, output, fingerprint, settings, so, verify)
+    dups = outdir.duplicate_keys(urls, storage_options=so, threads=write_threads) if check_keys else {}
+    if dups and on_error == "raise":
+        outdir.raise_on_duplicates(urls, dups)
+    if old is not None:  # the directory is this job's and the run may go on: clear its own leftovers
+        outdir.clean_own_tmp(output, tmp_prefixes, so)
+        outdir.remove_own(output, stale, so)
     resumed = len(entries)
-    manifest = {"format": MANIFEST_FORMAT, "version": 1, "checkpoint": str(checkpoint),
+    manifest = {"format": MANIFEST_FORMAT, "version": 2, "checkpoint": str(checkpoint),
                 "checkpoint_fingerprint": fingerprint, "settings": settings, "inputs": urls}  # fmt: skip
     todo = [i for i in range(len(urls)) if i not in entries]
+    save_manifest(output, manifest, entries, len(urls), so)  # marks the directory as this job's before any shard
     t0 = time.perf_counter()
     asm = None
     if todo:
@@ -298,7 +388,9 @@ def purify_shards(
         ctx.enable_progress_bars = ray_bars and progress_enabled(show_progress)
         bar = progress(total=len(todo), enabled=show_progress, desc="purify shards", unit="shard")
         try:
-            ds = ray.data.from_items([{"index": i, "url": urls[i]} for i in todo], override_num_blocks=len(todo))
+            items = [{"index": i, "url": urls[i], "dups": json.dumps({str(p): list(v) for p, v in dups.get(i, {}).items()})}
+                     for i in todo]  # fmt: skip
+            ds = ray.data.from_items(items, override_num_blocks=len(todo))
             ds = ds.map_batches(read_shards, fn_kwargs={"on_error": "skip", "chunk_rows": batch_size,
                                 "storage_options": so}, batch_size=1, batch_format="numpy", num_cpus=read_num_cpus)  # fmt: skip
             ds = stage(ds)

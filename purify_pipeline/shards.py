@@ -15,13 +15,14 @@ import hashlib
 import io
 import json
 import os
-import re
 import tarfile
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from ._samples import ShardError, decode_image, encode_png, parse_label, to_rgb  # re-exported
 
 __all__ = [
     "IMAGE_EXTS",
@@ -34,6 +35,7 @@ __all__ = [
     "find_image_column",
     "fs_path",
     "is_local",
+    "iter_records",
     "iter_samples",
     "join",
     "load_arrays",
@@ -44,36 +46,13 @@ __all__ = [
     "split_member_name",
     "to_rgb",
     "write_manifest",
+    "write_members",
     "write_shard",
 ]
 
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "npy")
 MANIFEST_NAME = "manifest.json"
 TMP_MARKER = ".tmp-"
-
-
-class ShardError(ValueError):
-    """Bad shard content; the message names the shard URL and, when known, the sample key."""
-
-    def __init__(self, message: str, *, shard: str | None = None, key: str | None = None):
-        self.shard = shard
-        self.key = key
-        where = []
-        if shard is not None:
-            where.append(f"shard {shard!r}")
-        if key is not None:
-            where.append(f"key {key!r}")
-        super().__init__(f"{', '.join(where)}: {message}" if where else message)
-
-    def __reduce__(self):  # keep .shard/.key when the error crosses a Ray process boundary
-        return (_rebuild_shard_error, (self.args[0], self.shard, self.key))
-
-
-def _rebuild_shard_error(msg: str, shard: str | None, key: str | None) -> "ShardError":
-    err = ShardError.__new__(ShardError)
-    ValueError.__init__(err, msg)
-    err.shard, err.key = shard, key
-    return err
 
 
 @dataclass(frozen=True)
@@ -207,6 +186,70 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), ext
 
 
+def iter_records(
+    url: str,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    filesystem: Any = None,
+    raw: bool = False,
+    data: bool = True,
+) -> Iterator[dict[str, Any]]:
+    """Every sample group of one tar shard, bad ones included, in tar order: dicts with ``__key__``,
+    ``__url__``, ``__pos__`` (0, 1, ... in the shard), raw bytes per member extension, and ``__error__``
+    (the bare reason) on a bad group. ``raw=True`` adds ``__members__``: the group's (member name, bytes)
+    exactly as stored. ``data=False`` reads headers only (keys; no member bytes, no data checks).
+
+    A group is a run of adjacent members with the same key. A member without an extension, a duplicated
+    member or a key seen earlier in the shard (non-adjacent members) makes its group bad and reading goes
+    on; a truncated or corrupt tar makes the group being read bad (or, before any member, yields one
+    record ``<after N samples>`` without members) and ends the shard. So the records count what the tar holds.
+    """
+    fs, path = fs_path(url, storage_options, filesystem)
+    seen: set[str] = set()
+    current: dict[str, Any] | None = None
+    n = 0
+
+    def start(key: str) -> dict[str, Any]:
+        rec: dict[str, Any] = {"__key__": key, "__url__": url, "__pos__": n}
+        if raw:
+            rec["__members__"] = []
+        if key in seen:
+            rec["__error__"] = "members of this sample are not adjacent in the tar"
+        seen.add(key)
+        return rec
+
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*" if data else "r:*",
+                                                    tarinfo=_StrictTarInfo) as tf:  # fmt: skip
+            for m in tf:
+                if not m.isreg():
+                    continue
+                key, ext = split_member_name(m.name)
+                if current is not None and current["__key__"] != key:
+                    yield current  # a new key starts: the previous sample is complete
+                    current, n = None, n + 1
+                if current is None:
+                    current = start(key)
+                value = tf.extractfile(m).read() if data else b""  # type: ignore[union-attr]
+                if raw:
+                    current["__members__"].append((m.name, value))
+                if not ext:
+                    current.setdefault("__error__", f"member {m.name!r} has no extension")
+                elif ext in current:
+                    current.setdefault("__error__", f"duplicate member {m.name!r}")
+                else:
+                    current[ext] = value
+    except (_TruncatedTar, tarfile.TarError, EOFError, OSError) as e:
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
+        if current is None:
+            current = start(f"<after {n} samples>")
+            current["__shard_error__"] = True
+        current["__error__"] = f"truncated or corrupt tar ({e})"
+    if current is not None:
+        yield current
+
+
 def iter_samples(
     url: str,
     *,
@@ -215,119 +258,13 @@ def iter_samples(
 ) -> Iterator[dict[str, Any]]:
     """Stream the samples of one tar shard: dicts with ``__key__``, ``__url__`` and raw bytes per member
     extension. Raises ShardError (naming shard and key) on a truncated/corrupt tar, a member without an
-    extension, a duplicated member, or a sample whose members are not adjacent."""
-    fs, path = fs_path(url, storage_options, filesystem)
-    seen: set[str] = set()
-    current: dict[str, Any] | None = None
-    last_key: str | None = None
-    try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*", tarinfo=_StrictTarInfo) as tf:
-            for m in tf:
-                if not m.isreg():
-                    continue
-                key, ext = split_member_name(m.name)
-                last_key = key
-                if not ext:
-                    raise ShardError(f"member {m.name!r} has no extension", shard=url, key=key)
-                if current is not None and current["__key__"] != key:
-                    yield current  # a new key starts: the previous sample is complete
-                    current = None
-                if current is None:
-                    if key in seen:
-                        raise ShardError("members of this sample are not adjacent in the tar", shard=url, key=key)
-                    seen.add(key)
-                    current = {"__key__": key, "__url__": url}
-                elif ext in current:
-                    raise ShardError(f"duplicate member {m.name!r}", shard=url, key=key)
-                current[ext] = tf.extractfile(m).read()  # type: ignore[union-attr]
-    except ShardError:
-        raise
-    except (_TruncatedTar, tarfile.TarError, EOFError, OSError) as e:
-        if isinstance(e, (FileNotFoundError, PermissionError)):
-            raise
-        raise ShardError(f"truncated or corrupt tar ({e})", shard=url, key=last_key) from None
-    if current is not None:
-        yield current
-
-
-# --------------------------------------------------------------------------------------------- decoding
-
-
-def to_rgb(img: np.ndarray, *, shard: str | None = None, key: str | None = None) -> np.ndarray:
-    """uint8 HxW, HxWx1, HxWx3 or HxWx4 -> contiguous uint8 HxWx3: gray is replicated, alpha is dropped
-    (not composited: the stored colour values are kept)."""
-    a = np.asarray(img)
-    if a.dtype != np.uint8:
-        raise ShardError(f"image array has dtype {a.dtype}, expected uint8", shard=shard, key=key)
-    if a.ndim == 2:
-        a = a[:, :, None]
-    if a.ndim != 3 or a.shape[2] not in (1, 3, 4) or a.shape[0] == 0 or a.shape[1] == 0:
-        raise ShardError(f"image array has shape {a.shape}, expected HxW, HxWx1, HxWx3 or HxWx4", shard=shard, key=key)
-    if a.shape[2] == 1:
-        a = np.repeat(a, 3, axis=2)
-    elif a.shape[2] == 4:
-        a = a[:, :, :3]
-    return np.ascontiguousarray(a)
-
-
-def decode_image(data: bytes, ext: str = "jpg", *, shard: str | None = None, key: str | None = None) -> np.ndarray:
-    """Decode image bytes (JPEG/PNG/WebP via Pillow, or ``.npy`` without pickle) to uint8 HxWx3 RGB.
-
-    Grayscale, palette, RGBA/LA, CMYK and 16-bit images are converted to 8-bit RGB (alpha dropped)."""
-    ext = ext.lower().rsplit(".", 1)[-1]
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise ShardError(f"image member .{ext} is {type(data).__name__}, expected bytes", shard=shard, key=key)
-    if ext == "npy":
-        try:
-            arr = np.load(io.BytesIO(bytes(data)), allow_pickle=False)
-        except Exception as e:  # noqa: BLE001 - any parse failure is bad input
-            raise ShardError(f"undecodable .npy image ({e})", shard=shard, key=key) from None
-        return to_rgb(arr, shard=shard, key=key)
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(bytes(data))) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                im = im.point(lambda v: v / 256).convert("L")
-            if im.mode != "RGB":
-                im = im.convert("RGBA").convert("RGB") if im.mode == "P" else im.convert("RGB")
-            return np.asarray(im, dtype=np.uint8).copy()
-    except ShardError:
-        raise
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
-        raise ShardError(f"undecodable .{ext} image ({type(e).__name__}: {e})", shard=shard, key=key) from None
-
-
-_INT_RE = re.compile(rb"\s*[+-]?\d+\s*")
-
-
-def parse_label(data: Any, *, shard: str | None = None, key: str | None = None) -> int:
-    """Class label from a ``.cls`` member (ASCII integer bytes/str) or an already-decoded int."""
-    if data is None:
-        raise ShardError("missing label", shard=shard, key=key)
-    if isinstance(data, (bool, np.bool_)):
-        raise ShardError(f"label {data!r} is not an integer", shard=shard, key=key)
-    if isinstance(data, (int, np.integer)):
-        return int(data)
-    if isinstance(data, str):
-        data = data.encode("utf-8", "replace")
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        b = bytes(data)
-        if _INT_RE.fullmatch(b):
-            return int(b)
-        shown = b[:40].decode("utf-8", "replace")
-        raise ShardError(f"label {shown!r} is not an integer", shard=shard, key=key)
-    raise ShardError(f"label of type {type(data).__name__} is not an integer", shard=shard, key=key)
-
-
-def encode_png(img: np.ndarray, *, compress_level: int = 1) -> bytes:
-    """Lossless PNG bytes of a uint8 HxWx3 (or HxW) image. Level 1: fast, still lossless; deterministic."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(img)).save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
+    extension, a duplicated member, or a sample whose members are not adjacent (see `iter_records`)."""
+    for rec in iter_records(url, storage_options=storage_options, filesystem=filesystem):
+        if "__error__" in rec:
+            key = None if rec.pop("__shard_error__", False) else rec["__key__"]
+            raise ShardError(rec["__error__"], shard=url, key=key)
+        del rec["__pos__"]
+        yield rec
 
 
 def load_arrays(
@@ -449,19 +386,28 @@ def write_shard(
     are skipped) as one tar, atomically: temporary name, then rename. Tar metadata is fixed (mtime 0,
     uid/gid 0, mode 0644), so the same samples always give the same bytes and sha256."""
 
+    def members():
+        for n, s in enumerate(samples):
+            key = s.get("__key__")
+            if not isinstance(key, str) or not key:
+                raise ShardError(f"sample #{n} has no __key__", shard=url)
+            yield [(f"{key}.{c}", _member_bytes(v, shard=url, key=key, col=c))
+                   for c, v in s.items() if not c.startswith("__") and v is not None]  # fmt: skip
+
+    return write_members(url, members(), storage_options=storage_options, filesystem=filesystem)
+
+
+def write_members(url: str, groups: Iterable[Sequence[tuple[str, bytes]]], *,
+                  storage_options: Mapping[str, Any] | None = None, filesystem: Any = None) -> ShardInfo:  # fmt: skip
+    """Write groups of (member name, bytes) as one tar, names as given, atomically and deterministically
+    (as `write_shard`); the returned count is the number of groups."""
+
     def _write(f) -> ShardInfo:
-        hw = _HashingWriter(f)
-        n = 0
+        hw, n = _HashingWriter(f), 0
         with tarfile.open(fileobj=hw, mode="w|", format=tarfile.PAX_FORMAT) as tf:
-            for s in samples:
-                key = s.get("__key__")
-                if not isinstance(key, str) or not key:
-                    raise ShardError(f"sample #{n} has no __key__", shard=url)
-                for col, value in s.items():
-                    if col.startswith("__") or value is None:
-                        continue
-                    data = _member_bytes(value, shard=url, key=key, col=col)
-                    ti = tarfile.TarInfo(f"{key}.{col}")
+            for group in groups:
+                for name, data in group:
+                    ti = tarfile.TarInfo(name)
                     ti.size, ti.mtime, ti.mode = len(data), 0, 0o644
                     ti.uid = ti.gid = 0
                     ti.uname = ti.gname = ""

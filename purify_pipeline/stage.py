@@ -160,7 +160,7 @@ class PurifyBatch:
         urls = batch.get("__url__")
         qcol = cfg.quarantine_column
         errors: list[str] = [str(e) if e else "" for e in batch[qcol]] if qcol and qcol in batch else [""] * n
-        col = cfg.image_column or _detect_image_column(cols)
+        srcs: list[str | None] = [cfg.image_column] * n  # each row's image column
         images, labels, good = [], [], []
         for i in range(n):
             if errors[i]:
@@ -168,8 +168,12 @@ class PurifyBatch:
             key = None if keys is None else str(keys[i])
             shard = None if urls is None else str(urls[i])
             try:
-                if col is None:
-                    find_image_column({c: None for c in cols}, shard=shard, key=key)  # raises, listing columns
+                if cfg.image_column is None:  # per row: formats may mix within one shard and one batch
+                    present = [c for c in cols if batch[c][i] is not None]
+                    srcs[i] = _detect_image_column(present)
+                    if srcs[i] is None:
+                        find_image_column({c: None for c in present}, shard=shard, key=key)  # raises, listing members
+                col = srcs[i]
                 if col not in batch:
                     raise ShardError(f"no .{col} member", shard=shard, key=key)
                 img = self._image(batch[col][i], col, shard, key)
@@ -182,6 +186,13 @@ class PurifyBatch:
             images.append(img)
             labels.append(lab)
             good.append(i)
+        used = sorted({srcs[i] for i in good if srcs[i] is not None})
+        col = cfg.image_column or _detect_image_column(used) or _detect_image_column(cols)
+        if len(used) > 1:  # mixed formats: a purified row's own image member is replaced, whichever it was
+            batch = dict(batch)
+            for c in set(used) - {col}:
+                batch[c] = np.array(batch[c], dtype=object)  # a copy: zero-copy batches are read-only
+                batch[c][[i for i in good if srcs[i] == c]] = None
         purified = self._purify(images, labels, [keys[i] for i in good] if keys is not None else None)
         return self._assemble(batch, col or "", n, good, purified, errors)
 

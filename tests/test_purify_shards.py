@@ -182,7 +182,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(ray_session, tmp_path, ch
     assert len(first["shards"]) == 1 and not first["complete"]
     done = first["shards"][0]["output"]
     stamp = os.stat(out / done).st_mtime_ns
-    (out / "purified-000002.tar.tmp-deadbeef").write_bytes(b"half a shard from a crash")
+    (out / "purified-000002.tar.tmp-0123456789ab").write_bytes(b"half a shard from a crash")
     resumed = purify_shards(inputs, str(out), checkpoint, **JOB)
     assert (resumed.shards_resumed, resumed.shards_written) == (1, 2)
     assert os.stat(out / done).st_mtime_ns == stamp  # the finished shard was not redone
