@@ -124,20 +124,44 @@ def _data_classes(urls: Sequence[str]) -> list[str] | None:
     return [str(c) for c in names] if isinstance(names, list) and names else None
 
 
-def _first_image(urls: Sequence[str]) -> tuple[tuple[int, int], str, str]:
+def _first_image(urls: Sequence[str], *, on_error: str = "raise", image_column: str | None = None,
+                 want: tuple[int, int] | None = None, limit: int = 1000) -> tuple[tuple[int, int], str, str] | None:  # fmt: skip
+    """Size of the first decodable image; with on_error="skip", bad samples, unreadable shards and images of
+    another size than `want` are passed over as the job would quarantine them: the first image of size
+    `want` if one of the first `limit` samples has it, else the first decodable one (None: none decodes)."""
     from . import shards
 
+    seen, other = 0, None
     for url in urls:
-        for s in shards.iter_samples(url):
-            col = shards.find_image_column(s, shard=url, key=s["__key__"])
-            img = shards.decode_image(s[col], col, shard=url, key=s["__key__"])
-            return img.shape[:2], url, s["__key__"]
+        try:
+            for s in shards.iter_samples(url):
+                seen += 1
+                try:
+                    col = image_column or shards.find_image_column(s, shard=url, key=s["__key__"])
+                    if col not in s:
+                        raise shards.ShardError(f"no .{col} member", shard=url, key=s["__key__"])
+                    img = shards.decode_image(s[col], col, shard=url, key=s["__key__"])
+                    if on_error != "skip" or want is None or img.shape[:2] == want:
+                        return img.shape[:2], url, s["__key__"]
+                    other = other or (img.shape[:2], url, s["__key__"])
+                except shards.ShardError:
+                    if on_error != "skip":
+                        raise
+                if seen >= limit:
+                    return other
+        except shards.ShardError:
+            if on_error != "skip":
+                raise
+    if on_error == "skip":
+        return other
     raise CLIError(f"the input shards ({urls[0]} ...) hold no samples")
 
 
-def check_checkpoint(checkpoint: str, urls: Sequence[str], *, resize: str | None = None) -> Any:
+def check_checkpoint(checkpoint: str, urls: Sequence[str], *, resize: str | None = None, on_error: str = "raise",
+                     image_column: str | None = None) -> Any:  # fmt: skip
     """Load the checkpoint and check it fits the data: the number of classes (from the data's manifest.json)
-    and the image size (from the first sample). Returns the Purifier; raises CLIError naming both sides."""
+    and the image size (from the first sample; with on_error="skip" the first good one, as the job would
+    quarantine the bad ones). Returns the Purifier; raises CLIError naming both sides."""
     from .checkpoint import CheckpointError
     from .purifier import Purifier
 
@@ -149,7 +173,10 @@ def check_checkpoint(checkpoint: str, urls: Sequence[str], *, resize: str | None
     if classes is not None and len(classes) != pur.num_classes:
         raise CLIError(f"checkpoint {checkpoint} was fitted for {pur.num_classes} classes but the data has "
                        f"{len(classes)} (manifest.json beside {urls[0]})")  # fmt: skip
-    (h, w), url, key = _first_image(urls)
+    first = _first_image(urls, on_error=on_error, image_column=image_column, want=(pur.image_size, pur.image_size))
+    if first is None:
+        return pur
+    (h, w), url, key = first
     if (h, w) != (pur.image_size, pur.image_size) and resize is None:
         raise CLIError(f"checkpoint {checkpoint} expects {pur.image_size}x{pur.image_size} images but {url} "
                        f"(key {key}) has {h}x{w} (pass --resize bicubic to resize)")  # fmt: skip
@@ -196,7 +223,7 @@ def cmd_poison(a: argparse.Namespace) -> int:
     init_ray(a.address)
     # poison_shards carries the input manifest's class names over: fit and purify read them from manifest.json
     man = poison_shards(urls, a.output, a.poison, seed=a.seed, num_classes=a.num_classes,
-                        prefix=a.prefix, num_actors=a.actors, **budget)  # fmt: skip
+                        prefix=a.prefix, num_actors=a.actors, image_column=a.image_column, **budget)  # fmt: skip
     print(f"poisoned {man['counts']['samples']} images with {a.poison} -> {a.output} ({len(urls)} shards)")
     return 0
 
@@ -206,6 +233,11 @@ def cmd_fit(a: argparse.Namespace) -> int:
     from .fit import fit_purifier
 
     urls = _expand(a.inputs)
+    if "://" in a.out and not a.storage_path:
+        raise CLIError(f"--out {a.out} is a remote URL: pass --storage-path with a local or shared directory "
+                       "for the run state (by default it lives beside --out, which needs a filesystem path)")  # fmt: skip
+    if a.storage_path and "://" in a.storage_path:
+        raise CLIError(f"--storage-path {a.storage_path} must be a local or shared directory, not a URL")
     _output_free(a.out, a.overwrite, "checkpoint")
     overrides = parse_kv(a.set)
     if a.epochs is not None:
@@ -231,12 +263,12 @@ def cmd_purify(a: argparse.Namespace) -> int:
     urls = _expand(a.inputs)
     if not a.resume:
         _output_free(a.output, a.overwrite)
-    check_checkpoint(a.checkpoint, urls, resize=a.resize)
+    check_checkpoint(a.checkpoint, urls, resize=a.resize, on_error=a.on_error, image_column=a.image_column)
     init_ray(a.address)
     summary = purify_shards(urls, a.output, a.checkpoint, prefix=a.prefix, mode=a.mode, seed=a.seed,
                             on_error=a.on_error, resize=a.resize, batch_size=a.batch_size, actors=a.actors,
                             num_cpus=a.cpus_per_actor, num_gpus=a.gpus_per_actor, threads=a.threads,
-                            overwrite=a.overwrite, show_progress=True)  # fmt: skip
+                            overwrite=a.overwrite, show_progress=True, image_column=a.image_column)  # fmt: skip
     from ._progress import progress_enabled
 
     if not progress_enabled():  # with progress shown, purify_shards has printed it already
@@ -362,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="number of classes (default: from the inputs' manifest.json)")
     p.add_argument("--prefix", help="output shard prefix (default: the inputs' own, e.g. train)")
     p.add_argument("--actors", type=int, default=2, help="Ray Data actors applying the poison")
+    p.add_argument("--image-column", help="image member extension (default: per sample, jpg/jpeg/png/webp/npy)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUTPUT (same-named shards are replaced)")
     _ray_args(p)
     p.set_defaults(func=cmd_poison)
@@ -393,7 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="sample", choices=["sample", "mean"], help="sampled z (paper) or z = mu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefix", default="purified", help="output shard name prefix (default purified)")
-    p.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="skip: quarantine bad samples")
+    p.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                   help="skip: quarantine bad samples (kept in OUTPUT/quarantine/, listed in manifest.json)")
+    p.add_argument("--image-column", help="image member extension (default: per sample, jpg/jpeg/png/webp/npy)")
     p.add_argument("--resize", help="resize images to the checkpoint's size with this PIL filter (e.g. bicubic)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--actors", type=int, default=1, help="PurifyStage actor pool size")

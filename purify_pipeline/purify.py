@@ -110,7 +110,8 @@ def read_shards(batch: dict[str, np.ndarray], *, on_error: str = "raise", chunk_
             for c in cols:
                 col = np.empty(len(chunk), dtype=object)
                 col[:] = [s.get(c) for s in chunk]
-                out[c] = col
+                if any(v is not None for v in col):  # an all-None column would come back from Arrow as floats
+                    out[c] = col
             yield out
 
 
@@ -428,6 +429,6 @@ def _rows(batch: dict[str, np.ndarray]):
         row = {}
         for c in cols:
             v = batch[c][j]
-            if v is not None:
+            if v is not None and not (isinstance(v, (float, np.floating)) and np.isnan(v)):  # NaN: a null member
                 row[c] = v
         yield row

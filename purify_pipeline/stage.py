@@ -190,9 +190,13 @@ class PurifyBatch:
         col = cfg.image_column or _detect_image_column(used) or _detect_image_column(cols)
         if len(used) > 1:  # mixed formats: a purified row's own image member is replaced, whichever it was
             batch = dict(batch)
-            for c in set(used) - {col}:
-                batch[c] = np.array(batch[c], dtype=object)  # a copy: zero-copy batches are read-only
-                batch[c][[i for i in good if srcs[i] == c]] = None
+            for c in sorted(set(used) - {col}):
+                v = np.array(batch[c], dtype=object)  # a copy: zero-copy batches are read-only
+                v[[i for i in good if srcs[i] == c]] = None
+                if any(x is not None for x in v):
+                    batch[c] = v
+                else:  # an all-None column would come back from Arrow as floats
+                    del batch[c]
         purified = self._purify(images, labels, [keys[i] for i in good] if keys is not None else None)
         return self._assemble(batch, col or "", n, good, purified, errors)
 

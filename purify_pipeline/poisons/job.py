@@ -20,12 +20,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .. import shards
+from .. import outdir, shards
 from . import fit as fit_poison
 from . import get as get_poison
 from ._base import Poison
 from ._common import check_seed
 
+CREATED_BY = "purify_pipeline.poisons.job.poison_shards"
 _SHARD_RE = re.compile(r"^(?P<prefix>.+)-\d{6}\.tar$")
 
 
@@ -90,8 +91,11 @@ def poison_shard(poison: Poison, url: str, out_url: str, cfg: PoisonJobConfig) -
             yield out
 
     info = shards.write_shard(out_url, out_samples(), storage_options=cfg.storage_options)
+    if info.count != len(samples):  # every sample read is written (a bad one raised above)
+        raise RuntimeError(f"{url}: {len(samples)} samples read but {info.count} written")
     counts = np.bincount(np.asarray(labels), minlength=poison.num_classes)
     return {"input": url, "url": out_url, "name": os.path.basename(out_url), "count": info.count,
+            "input_count": len(samples), "output_count": info.count, "quarantined": [],
             "sha256": info.sha256, "class_counts": counts.tolist()}
 
 
@@ -132,6 +136,15 @@ def _first_image_size(url: str, cfg: PoisonJobConfig) -> tuple[int, int]:
     raise shards.ShardError("shard holds no samples", shard=url)
 
 
+def _check_output(output: str, urls: Sequence[str], storage_options: Mapping[str, Any] | None) -> None:
+    """Refuse the inputs' own directory and a directory whose manifest.json is not a poison job's (it would be
+    replaced); same-named shards of an earlier poison run are replaced, nothing else is touched."""
+    outdir.check_not_input(output, urls)
+    old = shards.read_manifest(output, storage_options=storage_options)
+    if old is not None and old.get("created_by") != CREATED_BY:
+        raise ValueError(f"{output} holds a manifest.json that no poison job wrote; use another output directory")
+
+
 def poison_shards(
     inputs: str | Sequence[str],
     output: str,
@@ -160,6 +173,9 @@ def poison_shards(
     poison_cls = get_poison(name)
     seed = check_seed(seed)
     urls = shards.expand(inputs, storage_options=storage_options)
+    _check_output(os.fspath(output), urls, storage_options)
+    # keys seed the per-sample poisons and identify EM/TAP perturbations: they must be unique
+    outdir.raise_on_duplicates(urls, outdir.duplicate_keys(urls, storage_options=storage_options))
     cfg = PoisonJobConfig(output=os.fspath(output), prefix=prefix or _default_prefix(urls),
                           image_column=image_column, label_column=label_column, storage_options=storage_options)
     if classes is None:
@@ -203,7 +219,7 @@ def poison_shards(
     per_class = np.sum([e.pop("class_counts") for e in entries], axis=0).tolist()
     manifest = {
         **poison.describe(),
-        "created_by": "purify_pipeline.poisons.job.poison_shards",
+        "created_by": CREATED_BY,
         "image_member": "png",
         "label_member": label_column,
         # the class list travels with the shards so that `fit`/`purify` downstream know the label space
@@ -211,7 +227,8 @@ def poison_shards(
         else [str(c) for c in range(poison.num_classes)],
         "inputs": urls,
         "counts": {"samples": int(sum(e["count"] for e in entries)), "shards": len(entries),
-                   "per_class": per_class},
+                   "per_class": per_class, "input": int(sum(e["input_count"] for e in entries)),
+                   "output": int(sum(e["output_count"] for e in entries)), "quarantined": 0},
         "shards": entries,
     }
     fit_stats = {k: getattr(poison, k) for k in ("history", "converged", "surrogate_accuracy", "target_rate")
