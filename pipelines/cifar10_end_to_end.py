@@ -54,7 +54,7 @@ def main() -> None:
 
     # 4. purify through PurifyStage: a Ray Data actor pool; shard boundaries, keys and labels are kept
     summary = purify_shards(poisoned, str(out / "purified"), ckpt, prefix="train", actors=1 if args.gpu else 2,
-                            num_cpus=0.75, num_gpus=1 if args.gpu else 0)
+                            num_gpus=1 if args.gpu else 0)
     print(summary)
 
     # 5. train the same classifier on each version, test on clean test images

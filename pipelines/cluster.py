@@ -54,7 +54,7 @@ def main() -> None:
 
     # 3. purify: a PurifyStage actor per GPU, big batches; output shards keep names, keys and labels
     summary = purify_shards(args.train, args.output, args.checkpoint, actors=max(1, args.gpus),
-                            num_gpus=1 if args.gpus else 0, num_cpus=1 if args.gpus else 0.75,
+                            num_gpus=1 if args.gpus else 0,
                             batch_size=1024 if args.gpus else 128, storage_options=storage)
     print(summary)
 

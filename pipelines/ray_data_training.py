@@ -82,8 +82,8 @@ def main() -> None:
     # ---------------- the pipeline: read -> your stage -> PurifyStage -> your stage -> training loop
     ds = ray.data.read_webdataset(train_urls, decoder=None)
     ds = ds.map_batches(decode, batch_format="numpy", num_cpus=0.5)
-    ds = PurifyStage(checkpoint, image_column="image", label_column="label", output_format="array",
-                     batch_size=128, actors=2, num_cpus=0.75)(ds)  # + num_gpus=1 on a GPU node
+    ds = PurifyStage(checkpoint, image_column="image", label_column="label", batch_size=128,
+                     actors=2)(ds)  # arrays in, arrays out; + num_gpus=1 on a GPU node
     ds = ds.map_batches(augment, batch_format="numpy", num_cpus=0.5)
 
     test = ray.data.read_webdataset(f"{args.data}/test-000000.tar", decoder=None).map_batches(decode, batch_format="numpy")

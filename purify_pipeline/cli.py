@@ -27,6 +27,10 @@ __all__ = ["CLIError", "check_checkpoint", "init_ray", "main", "parse_kv"]
 PROG = "purify-pipeline"
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 _STARTED_RAY = False  # shut down at exit only a Ray this process started
+DEBUG = False  # --debug: tracebacks and Ray's own log lines
+# Ray's internal INFO/WARNING chatter (non-TTY progress logs, auth notices, ...): hidden unless --debug
+_RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.data._internal.progress.logging_progress",
+                "ray.data._internal.execution.streaming_executor")  # fmt: skip
 
 
 class CLIError(Exception):
@@ -67,17 +71,25 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
         _check_reachable(address)
     try:
         if address:
-            ray.init(address=address, log_to_driver=not quiet)
+            ray.init(address=address, log_to_driver=not quiet, logging_level="WARNING" if DEBUG else "ERROR")
         else:
             ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-                     log_to_driver=not quiet, configure_logging=True, logging_level="ERROR" if quiet else "WARNING")  # fmt: skip
+                     log_to_driver=not quiet, configure_logging=True, logging_level="WARNING" if DEBUG else "ERROR")  # fmt: skip
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise CLIError(f"cannot connect to Ray at {address or 'a new local instance'}: {_first_line(e)}") from None
     _STARTED_RAY = True
+    quiet_ray_logs()
+
+
+def quiet_ray_logs() -> None:
+    """Ray Data logs its progress every few seconds when stdout is not a terminal, and Ray logs start-up notices:
+    our own progress bars say enough. --debug keeps them."""
     import logging
 
-    # Ray Data logs its progress every few seconds when stdout is not a terminal; our own bars say enough.
-    logging.getLogger("ray.data").setLevel(logging.WARNING if not quiet else logging.ERROR)
+    import ray.data  # noqa: F401  (configures its loggers on import: set levels after that)
+
+    for name in _RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if DEBUG else logging.ERROR)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -269,10 +281,7 @@ def cmd_purify(a: argparse.Namespace) -> int:
                             on_error=a.on_error, resize=a.resize, batch_size=a.batch_size, actors=a.actors,
                             num_cpus=a.cpus_per_actor, num_gpus=a.gpus_per_actor, threads=a.threads,
                             overwrite=a.overwrite, show_progress=True, image_column=a.image_column)  # fmt: skip
-    from ._progress import progress_enabled
-
-    if not progress_enabled():  # with progress shown, purify_shards has printed it already
-        print(summary)
+    print(summary)  # the result on stdout (with progress shown, purify_shards also logs it on stderr)
     return 0
 
 
@@ -330,15 +339,16 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import DemoSettings, accuracy_table, run_demo
+    from .demo import DemoSettings, accuracy_table, resolve_size, run_demo
 
     overrides: dict[str, Any] = {"train_images": a.images, "test_images": a.test_images, "poison": a.poison,
                                  "preset": a.preset, "seed": a.seed, "mode": a.mode}  # fmt: skip
     if a.no_clean:
         overrides["train_clean"] = False
-    settings = DemoSettings.for_size(a.size, **overrides)
+    gpu = a.gpu or (a.size == "auto" and _cuda())
+    settings = DemoSettings.for_size(resolve_size(a.size, gpu=gpu), **overrides)
     command = " ".join([PROG, "demo", *(shlex.quote(x) for x in a._argv)])
-    result = run_demo(settings, a.out, data=a.data, address=a.address, gpu=a.gpu, fit_workers=a.fit_workers,
+    result = run_demo(settings, a.out, data=a.data, address=a.address, gpu=gpu, fit_workers=a.fit_workers,
                       overwrite=a.overwrite, resume=a.resume, command=command)  # fmt: skip
     print()
     print(accuracy_table(result["rows"]))
@@ -354,14 +364,26 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
                                      "default: start a local Ray")  # fmt: skip
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless the help already names it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import SIZES
 
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = _HelpFormatter
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=fmt)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **kw: add_parser(*a, **{"formatter_class": fmt, **kw})  # type: ignore[method-assign]
 
     p = sub.add_parser("convert", help="CIFAR-10/100, an ImageFolder tree or NumPy arrays -> class-balanced shards",
                        description="Convert a dataset to class-balanced WebDataset shards <split>-NNNNNN.tar "
@@ -370,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="CIFAR directory (cifar-10-batches-py, cifar-100-python, *-bin), ImageFolder "
                                   "root, .npz, or .npy of images (with --labels)")  # fmt: skip
     p.add_argument("output", help="output directory")
-    p.add_argument("--format", default="auto", choices=["auto", "cifar", "imagefolder", "npz", "npy"])
+    p.add_argument("--format", default="auto", choices=["auto", "cifar", "imagefolder", "npz", "npy"],
+                   help="source format (auto: recognised from SOURCE)")
     p.add_argument("--download", choices=["cifar10", "cifar100"], help="fetch with torchvision into SOURCE first (network)")
     p.add_argument("--splits", help="comma-separated splits to convert (default: all found)")
     p.add_argument("--split-name", default="train", help="name of the split of a single-split source (default train)")
@@ -379,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--image-size", type=int, help="resize (shorter side, centre crop) to this square size")
     p.add_argument("--limit", type=int, help="keep only this many samples per split (still class-balanced)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--overwrite", action="store_true", help="replace shards in an existing output directory")
     p.set_defaults(func=cmd_convert)
 
@@ -389,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="input shards: brace pattern, glob, directory or paths")
     p.add_argument("output", help="output directory")
     p.add_argument("--poison", default="lsp", help="lsp, ar, ops, em, random, classwise or tap (default lsp)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="poison budget/knob, e.g. eps=0.0314")
     p.add_argument("--num-classes", type=int, help="number of classes (default: from the inputs' manifest.json)")
     p.add_argument("--prefix", help="output shard prefix (default: the inputs' own, e.g. train)")
@@ -404,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "An interrupted fit resumes from its last epoch when re-run with the same arguments.")  # fmt: skip
     p.add_argument("inputs", nargs="+", help="training shards")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--preset", default="cpu", help="paper | cpu | cpu-v1 | small | tiny (default cpu)")
+    p.add_argument("--preset", default="cpu", help="paper | cpu | cpu-v2 | cpu-v1 | small | tiny (default cpu)")
     p.add_argument("--epochs", type=int, help="epochs per stage (overrides the preset)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="other DVAEConfig field, e.g. width=16")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (0: run the loop in this process)")
@@ -424,17 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output directory or URL")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory or URL written by fit")
     p.add_argument("--mode", default="sample", choices=["sample", "mean"], help="sampled z (paper) or z = mu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--prefix", default="purified", help="output shard name prefix (default purified)")
     p.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                    help="skip: quarantine bad samples (kept in OUTPUT/quarantine/, listed in manifest.json)")
     p.add_argument("--image-column", help="image member extension (default: per sample, jpg/jpeg/png/webp/npy)")
     p.add_argument("--resize", help="resize images to the checkpoint's size with this PIL filter (e.g. bicubic)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per Ray batch and per forward pass")
     p.add_argument("--actors", type=int, default=1, help="PurifyStage actor pool size")
-    p.add_argument("--cpus-per-actor", type=float, help="CPUs reserved per actor (default 1)")
-    p.add_argument("--gpus-per-actor", type=float, default=0)
-    p.add_argument("--threads", type=int, help="torch threads per actor")
+    p.add_argument("--cpus-per-actor", type=float, help="CPUs reserved per actor (default: up to 1 each, leaving "
+                                                        "the read tasks their CPUs)")  # fmt: skip
+    p.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per actor (0: purify on CPUs)")
+    p.add_argument("--threads", type=int, help="torch threads per actor (default: this machine's cores / --actors)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in OUTPUT")
     p.add_argument("--overwrite", action="store_true", help="start over in an existing OUTPUT")
     _ray_args(p)
@@ -447,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="fast", help="fast | paper | tiny (default fast)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="other ClassifierConfig field")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--out", help="write the metrics as JSON here")
     p.add_argument("--overwrite", action="store_true")
@@ -464,13 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="CIFAR-10 shard directory (default: $PURIFY_PIPELINE_DATA, then "
                                   "../shared/data/cifar10 beside the repository, else download)")  # fmt: skip
     p.add_argument("--out", default="purify-demo", help="output directory (default ./purify-demo)")
-    p.add_argument("--size", default="default", choices=list(SIZES), help="problem size (default: default)")
+    p.add_argument("--size", default="auto", choices=["auto", *SIZES],
+                   help="problem size: auto = paper on a CUDA GPU, else cpu-mini")  # fmt: skip
     p.add_argument("--images", type=int, help="training images (overrides --size)")
     p.add_argument("--test-images", type=int, help="test images (overrides --size)")
     p.add_argument("--poison", help="poison (default lsp)")
     p.add_argument("--preset", help="D-VAE preset (overrides --size)")
     p.add_argument("--mode", choices=["sample", "mean"], help="purification mode (default sample)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of the poison, the fit and the classifiers (default 0)")
     p.add_argument("--no-clean", action="store_true", help="skip the clean reference classifier")
     p.add_argument("--fit-workers", type=int, help="Ray Train workers for the fit (default: 0 on CPU = the same "
                                                    "loop in this process, 1 with --gpu)")  # fmt: skip
@@ -486,9 +511,11 @@ def _demo_help(sizes: dict[str, Any]) -> str:
     rows = "\n".join(f"  {n:8s} {s.train_images:6d} train / {s.test_images:5d} test images, D-VAE preset "
                      f"{s.preset}, classifier {s.classifier}" for n, s in sizes.items())  # fmt: skip
     return ("Run the whole job on CIFAR-10: poison a class-balanced subset (LSP), fit D-VAE on it, purify it through\n"
-            "PurifyStage, train the fast classifier on clean, poisoned and purified shards, print the accuracy table\n"
+            "PurifyStage, train a classifier on clean, poisoned, JPEG-10 and purified images, print the accuracy table\n"
             "and write report.md + grid.png + accuracy.png + results.json to --out.\n\nSizes:\n" + rows +
-            "\n\n'default' takes about a quarter of an hour on 2 CPU cores; 'tiny' is a smoke test (minutes).")  # fmt: skip
+            "\n\n'auto' (the default) is 'paper' on a CUDA GPU, else 'cpu-mini' (an hour or more on 2 CPU cores); the\n"
+            "demo prints a time estimate for this machine before it starts. 'tiny' checks the pipeline in minutes;\n"
+            "its accuracies mean nothing.")  # fmt: skip
 
 
 def _version() -> str:
@@ -519,6 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     args._argv = argv[argv.index(args.command) + 1 :] if args.command in argv else []
+    global DEBUG
+    DEBUG = bool(args.debug)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

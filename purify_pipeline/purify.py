@@ -361,7 +361,8 @@ def purify_shards(
     stage = PurifyStage(str(checkpoint), image_column=image_column, label_column=label_column,
                         batch_size=batch_size, actors=actors, num_gpus=num_gpus, num_cpus=num_cpus, mode=mode,
                         seed=seed, on_error="skip", resize=resize, threads=threads, storage_options=so,
-                        quarantine_column=ERROR_COL, output_format="png", stages=stages)  # fmt: skip
+                        quarantine_column=ERROR_COL, output_format="png", stages=stages,
+                        reserve_cpus=read_num_cpus)  # fmt: skip
     settings = _settings(stage, prefix)
     fs, out_path = shards.fs_path(output, so)
     if shards.is_local(fs):

@@ -1,13 +1,13 @@
 """`PurifyStage`: D-VAE purification as a Ray Data map stage; `PurifyBatch` is its stateful UDF.
 
     stage = PurifyStage("ckpt_dir", batch_size=256, actors=2)
-    ds = stage(ray.data.read_webdataset(urls, decoder=None))       # or: ds.map_batches(PurifyBatch, ...)
+    ds = stage(ray.data.read_webdataset(urls))        # or: ds.map_batches(PurifyBatch, **stage.map_batches_kwargs())
 
 `PurifyBatch` loads the checkpoint once per actor (from a path or fsspec URL: constructor arguments travel
 pickled, so a model object never does), decodes and validates each row, purifies the good rows in one fused
-no-grad pass per model batch, and writes the result as lossless PNG bytes (or uint8 arrays). Keys and every
-other column pass through untouched. Image bytes (``decoder=None``) and already-decoded arrays are both
-accepted; grayscale and RGBA images are converted to RGB (gray replicated, alpha dropped).
+no-grad pass per model batch, and returns it in the form it came in: decoded arrays (Ray's default decoding)
+as uint8 arrays in the same column, encoded bytes (``decoder=None``) as lossless PNG bytes. Keys and every
+other column pass through untouched; grayscale and RGBA images are converted to RGB (gray replicated, alpha dropped).
 
 Noise in ``mode="sample"`` is drawn per sample from ``(seed, sample_id)``, with ``sample_id`` a blake2b-64
 hash of the row's ``__key__`` (of the image bytes when there is no key), so the output does not depend on
@@ -48,8 +48,10 @@ class PurifyConfig:
     quarantine_column: with "skip", None drops bad rows; a name keeps them, with the error message in that
         column ("" for good rows) and an empty image; rows arriving with a message there are passed over.
     resize: None = images must be the checkpoint's size; else a PIL filter name used to resize to it.
-    output_format: "png" = lossless PNG bytes in ``output_column`` (default "png"; the input image column is
-        dropped when named differently); "array" = uint8 HxWx3 arrays (default: the input image column).
+    output_format: None (default) keeps the input's form: encoded image bytes in -> lossless PNG bytes out (in
+        column "png"), decoded arrays in -> uint8 HxWx3 arrays out in the same column. "png" / "array" force one:
+        "png" = PNG bytes in ``output_column`` (default "png"; the input image column is dropped when named
+        differently); "array" = uint8 HxWx3 arrays (default column: the input image column).
     model_batch_size: images per forward pass inside a Ray batch. threads: torch threads per actor.
     stages: 2 = full purification; 1 = the stage-1 output x - p1 only (what the fit job trains stage 2 on).
     """
@@ -62,7 +64,7 @@ class PurifyConfig:
     on_error: OnError = "raise"
     quarantine_column: str | None = None
     resize: str | None = None
-    output_format: Literal["png", "array"] = "png"
+    output_format: Literal["png", "array"] | None = None
     output_column: str | None = None
     png_compress_level: int = 1
     model_batch_size: int = 256
@@ -80,8 +82,8 @@ class PurifyConfig:
             raise ValueError(f"mode must be 'sample' or 'mean', got {self.mode!r}")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
-        if self.output_format not in ("png", "array"):
-            raise ValueError(f"output_format must be 'png' or 'array', got {self.output_format!r}")
+        if self.output_format not in (None, "png", "array"):
+            raise ValueError(f"output_format must be None, 'png' or 'array', got {self.output_format!r}")
         if self.resize is not None and self.resize not in _RESAMPLE:
             raise ValueError(f"resize must be None or one of {_RESAMPLE}, got {self.resize!r}")
         if self.model_batch_size < 1:
@@ -94,6 +96,18 @@ def _detect_image_column(cols: list[str]) -> str | None:
         if ext in cols:
             return ext
     return next((c for c in cols if c.rsplit(".", 1)[-1].lower() in IMAGE_EXTS), None)
+
+
+def _input_format(values: np.ndarray | None) -> Literal["png", "array"]:
+    """How the image column arrived: encoded bytes -> "png" out; decoded arrays (Ray's default) -> "array" out."""
+    if values is None:
+        return "png"
+    if values.dtype != object:
+        return "array"  # a tensor column: every row decoded to the same shape
+    first = next((v for v in values if v is not None), None)
+    if isinstance(first, np.ndarray) and first.dtype == object and first.ndim == 0:
+        first = first.item()
+    return "png" if first is None or isinstance(first, (bytes, bytearray, memoryview)) else "array"
 
 
 class PurifyBatch:
@@ -240,13 +254,14 @@ class PurifyBatch:
     def _assemble(self, batch: dict[str, np.ndarray], col: str, n: int, good: list[int], purified: np.ndarray,
                   errors: list[str]) -> dict[str, np.ndarray]:  # fmt: skip
         cfg = self.cfg
-        out_col = cfg.output_column or ("png" if cfg.output_format == "png" else col or "image")
+        fmt = cfg.output_format or _input_format(batch.get(col))
+        out_col = cfg.output_column or ("png" if fmt == "png" else col or "image")
         keep = np.ones(n, dtype=bool)
         if cfg.quarantine_column is None:
             keep[[i for i in range(n) if errors[i]]] = False
         rows = np.flatnonzero(keep)
         pos = {i: j for j, i in enumerate(good)}
-        if cfg.output_format == "png":
+        if fmt == "png":
             values = np.empty(len(rows), dtype=object)
             for j, i in enumerate(rows):
                 values[j] = encode_png(purified[pos[i]], compress_level=cfg.png_compress_level) if i in pos else b""
@@ -269,39 +284,62 @@ class PurifyBatch:
 class PurifyStage:
     """Callable on a ``ray.data.Dataset``: ``ds = PurifyStage(ckpt, ...)(ds)`` adds one actor-pool map stage.
 
-    actors: pool size (int) or (min, max). num_cpus: CPUs reserved per actor; keep it below the CPUs of a node
-    so read/write tasks still get scheduled (a pool that takes every CPU hangs the pipeline, ray #44687).
-    num_gpus > 0 puts each actor on a GPU. Other keyword options are ``PurifyConfig`` fields. A crashed
-    actor is restarted and its batch retried (Ray Data's defaults for actor pools: max_restarts=-1,
-    max_task_retries=-1); outputs are a function of (seed, key), so a retry writes the same pixels.
+    actors: pool size (int) or (min, max). num_gpus > 0 puts each actor on a GPU. num_cpus: CPUs reserved per
+    actor; None (default) = up to 1 each while leaving ``reserve_cpus`` of the cluster free for the pipeline's
+    read and write tasks (``read_webdataset`` tasks ask for 1 CPU: an actor pool that takes every CPU hangs the
+    pipeline, ray #44687). An explicit setting that leaves less than ``reserve_cpus`` fails fast with a
+    ValueError naming what to change (``reserve_cpus=0`` turns the check off, e.g. on an autoscaling cluster).
+    threads: torch threads per CPU actor; None = this machine's cores divided among the actors. Other keyword
+    options are ``PurifyConfig`` fields. A crashed actor is restarted and its batch retried (Ray Data's actor
+    pool defaults); outputs are a function of (seed, key), so a retry writes the same pixels.
     """
 
     udf_class: type = PurifyBatch  # subclass and override to customise the per-actor UDF
 
     def __init__(self, checkpoint: str, *, image_column: str | None = None, label_column: str = "cls",
                  batch_size: int = 256, actors: int | tuple[int, int] = 1, num_gpus: float = 0,
-                 num_cpus: float | None = None, mode: Literal["sample", "mean"] = "sample", seed: int = 0,
-                 on_error: OnError = "raise", **options: Any) -> None:  # fmt: skip
+                 num_cpus: float | None = None, reserve_cpus: float = 1.0, mode: Literal["sample", "mean"] = "sample",
+                 seed: int = 0, on_error: OnError = "raise", **options: Any) -> None:  # fmt: skip
         import os
 
         if not isinstance(checkpoint, (str, os.PathLike)):
             raise TypeError("checkpoint must be a path or fsspec URL (the actors load it), not a model object")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if num_gpus > 0:
-            options.setdefault("device", "cuda")
-        else:
-            options.setdefault("device", "cpu")
+        max_actors = actors[1] if isinstance(actors, tuple) else actors
+        if not isinstance(max_actors, int) or max_actors < 1:
+            raise ValueError(f"actors must be a positive int or a (min, max) pair, got {actors!r}")
+        options.setdefault("device", "cuda" if num_gpus > 0 else "cpu")
         options.setdefault("model_batch_size", batch_size)
+        if options["device"] == "cpu" and options.get("threads") is None:
+            options["threads"] = max(1, (os.cpu_count() or 1) // max_actors)
         self.config = PurifyConfig(checkpoint=os.fspath(checkpoint), image_column=image_column,
                                    label_column=label_column, mode=mode, seed=seed, on_error=on_error, **options)  # fmt: skip
         self.batch_size = batch_size
         self.actors = actors
         self.num_gpus = num_gpus
-        self.num_cpus = 1 if num_cpus is None else num_cpus
+        self.num_cpus = num_cpus
+        self.reserve_cpus = reserve_cpus
 
-    def map_batches_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments this stage passes to ``Dataset.map_batches``."""
+    def resolve_num_cpus(self, cluster_cpus: float | None) -> float:
+        """CPUs per actor for a cluster of `cluster_cpus` (None: unknown, Ray not started): the explicit value,
+        checked, or the default that leaves ``reserve_cpus`` free."""
+        n = self.actors[1] if isinstance(self.actors, tuple) else self.actors
+        if self.num_cpus is None:
+            if cluster_cpus is None:
+                return 1.0
+            return max(0.0, min(1.0, (cluster_cpus - self.reserve_cpus) / n))
+        if cluster_cpus is not None and self.reserve_cpus > 0 and cluster_cpus - n * self.num_cpus < self.reserve_cpus:
+            raise ValueError(
+                f"PurifyStage would hang this pipeline: {n} actor(s) x num_cpus={self.num_cpus} leave "
+                f"{cluster_cpus - n * self.num_cpus:g} of the cluster's {cluster_cpus:g} CPUs, and the read/write tasks "
+                f"need {self.reserve_cpus:g} (read_webdataset asks 1 CPU per task). Lower num_cpus (e.g. "
+                f"num_cpus={max(0.0, (cluster_cpus - self.reserve_cpus) / n):g}) or actors, or leave num_cpus=None; "
+                "reserve_cpus=0 skips this check.")  # fmt: skip
+        return float(self.num_cpus)
+
+    def map_batches_kwargs(self, cluster_cpus: float | None = None) -> dict[str, Any]:
+        """The keyword arguments this stage passes to ``Dataset.map_batches`` on a cluster of `cluster_cpus`."""
         from ray.data import ActorPoolStrategy
 
         if isinstance(self.actors, tuple):
@@ -310,15 +348,19 @@ class PurifyStage:
             compute = ActorPoolStrategy(size=self.actors)
         one_to_one = self.config.on_error == "raise" or self.config.quarantine_column is not None
         kw: dict[str, Any] = dict(fn_constructor_kwargs={"config": self.config}, batch_size=self.batch_size,
-                                  batch_format="numpy", compute=compute, num_cpus=self.num_cpus,
+                                  batch_format="numpy", compute=compute, num_cpus=self.resolve_num_cpus(cluster_cpus),
                                   udf_modifying_row_count=not one_to_one)  # fmt: skip
         if self.num_gpus:
             kw["num_gpus"] = self.num_gpus
         return kw
 
     def __call__(self, ds: Any) -> Any:
-        return ds.map_batches(self.udf_class, **self.map_batches_kwargs())
+        import ray
+
+        cpus = ray.cluster_resources().get("CPU") if ray.is_initialized() else None
+        return ds.map_batches(self.udf_class, **self.map_batches_kwargs(cpus))
 
     def __repr__(self) -> str:
         opts = {k: v for k, v in asdict(self.config).items() if v not in (None, {}, "")}
-        return f"PurifyStage(batch_size={self.batch_size}, actors={self.actors}, num_gpus={self.num_gpus}, {opts})"
+        return (f"PurifyStage(batch_size={self.batch_size}, actors={self.actors}, num_cpus={self.num_cpus}, "
+                f"num_gpus={self.num_gpus}, {opts})")

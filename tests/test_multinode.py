@@ -107,7 +107,7 @@ def test_killed_actor_is_restarted_and_output_complete(cluster, tmp_path, cifar1
         udf_class = udf
 
     ds = ray.data.from_items([{k: v for k, v in s.items()} for s in samples], override_num_blocks=6)
-    rows = Stage(checkpoint, batch_size=20, actors=2, num_cpus=0.75)(ds).take_all()
+    rows = Stage(checkpoint, batch_size=20, actors=2, num_cpus=0.75, reserve_cpus=0.5)(ds).take_all()
     assert os.path.exists(tmp_path / "killed-once")  # an actor really died mid-job
     assert sorted(r["__key__"] for r in rows) == sorted(s["__key__"] for s in samples)  # complete, no duplicates
     assert len({r["node"] for r in rows}) == 2  # both nodes did work
