@@ -3,8 +3,10 @@
     ckpt = fit_purifier("data/train-{000000..000049}.tar", preset="cpu", output="ckpt/", num_workers=2)
 
 Pipeline (each step skipped when a previous run with the same run name already finished it):
-1. stage 1: a `TorchTrainer` (DDP; gloo on CPU, nccl on GPU) whose workers run `fit_stage` on their
-   `get_dataset_shard("train")` batches; a checkpoint (safetensors + JSON) every epoch.
+1. stage 1: a `TorchTrainer` (DDP; gloo on CPU, nccl on GPU). Each worker decodes the whole training set once
+   from `get_dataset_shard("train")` (unsplit) and runs `fit_stage` over one seeded permutation of all samples
+   per epoch, taking every world-th row of each global batch: one worker sees exactly the batches of the
+   in-process `fit_stage(images, labels)`. A checkpoint (safetensors + JSON) every epoch.
 2. stage-1 purification of the training shards with `purify_shards(..., stages=1)` — the PurifyStage path.
 3. stage 2: the same trainer on those stage-1 shards.
 4. one combined checkpoint at `output`, loadable by `Purifier.load` and `PurifyStage`.
@@ -31,15 +33,16 @@ from .config import DVAEConfig
 from .models import DVAE
 from .purifier import Purifier
 from .shards import ShardError
-from .train import fit_stage, make_optimizer, recover_train_state, replace_dir, resume_stage, save_train_state
+from .train import (array_batches, fit_stage, make_optimizer, recover_train_state, replace_dir, resume_stage,
+                    save_train_state)
 
-__all__ = ["fit_purifier", "training_dataset"]
+__all__ = ["fit_purifier", "load_training_arrays", "rank_batches", "training_dataset"]
 
 
 # ----------------------------------------------------------------------------------------------- data
 def _decode_batch(batch: dict[str, np.ndarray], *, num_classes: int, image_size: int) -> dict[str, np.ndarray]:
     """Raw shard rows -> {"image": uint8 NHWC, "label": int64}; bad samples raise ShardError(shard, key)."""
-    images, labels = [], []
+    images, labels, keys = [], [], []
     for i, key in enumerate(batch["__key__"]):
         url = str(batch["__url__"][i])
         if batch["__error__"][i]:
@@ -55,8 +58,24 @@ def _decode_batch(batch: dict[str, np.ndarray], *, num_classes: int, image_size:
             raise ShardError(f"label {label} is outside the model's classes [0, {num_classes})", shard=url, key=key)
         images.append(img)
         labels.append(label)
+        keys.append(str(key))
     return {"image": np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8),
-            "label": np.asarray(labels, dtype=np.int64)}  # fmt: skip
+            "label": np.asarray(labels, dtype=np.int64), "key": np.asarray(keys, dtype=object)}  # fmt: skip
+
+
+def load_training_arrays(it: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a worker's training dataset once into memory (uint8 NHWC + int64), sorted by sample key so the
+    order, and with it every seeded shuffle, does not depend on how Ray scheduled the read tasks."""
+    xs, ys, ks = [], [], []
+    for b in it.iter_batches(batch_size=4096, batch_format="numpy"):
+        xs.append(b["image"])
+        ys.append(b["label"])
+        ks.append(np.asarray(b["key"], dtype=object))
+    if not xs:
+        raise ValueError("the training dataset is empty")
+    keys = np.concatenate(ks)
+    order = np.argsort(keys.astype(str), kind="stable")
+    return np.concatenate(xs)[order], np.concatenate(ys)[order].astype(np.int64)
 
 
 def training_dataset(urls: Sequence[str], *, num_classes: int, image_size: int,
@@ -72,6 +91,14 @@ def training_dataset(urls: Sequence[str], *, num_classes: int, image_size: int,
                         batch_format="numpy", num_cpus=0.25)  # fmt: skip
     return ds.map_batches(_decode_batch, fn_kwargs={"num_classes": num_classes, "image_size": image_size},
                           batch_format="numpy", num_cpus=0.25)  # fmt: skip
+
+
+def rank_batches(images: np.ndarray, labels: np.ndarray, global_batch: int, *, seed: int, epoch: int, rank: int = 0,
+                 world: int = 1) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """This rank's rows (r, r + world, ...) of each global batch of the epoch's seeded permutation of all samples
+    (`train.array_batches`): the ranks together see every global batch once, and one rank sees all of it."""
+    for xb, yb in array_batches(images, labels, global_batch, seed=seed, epoch=epoch):
+        yield xb[rank::world], yb[rank::world]
 
 
 # ------------------------------------------------------------------------------------ the train loop
@@ -153,13 +180,16 @@ def _train_loop(config: dict[str, Any]) -> None:
     restore = sess.restore_dir()
     start, history, tau = resume_stage(restore, model, opt, sched, tau)
     model = sess.prepare(model)
-    it = sess.iterator()
+    # Every worker holds the whole training set (decoded once) and walks one seeded permutation of all samples
+    # per epoch, the same on every rank; rank r trains on rows r, r + world, ... of each global batch. One worker
+    # therefore sees exactly the batches of the in-process `fit_stage(images, labels)`.
+    images, labels = load_training_arrays(sess.iterator())
     per_worker = max(1, cfg.batch_size_for(stage) // sess.world)  # the global batch stays the stage's batch size
+    shuffle_seed = cfg.seed * 1009 + 17 * stage
 
     def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        for b in it.iter_torch_batches(batch_size=per_worker, drop_last=True, local_shuffle_buffer_size=4 * per_worker,
-                                       local_shuffle_seed=cfg.seed * 7919 + epoch):  # fmt: skip
-            yield b["image"], b["label"]
+        return rank_batches(images, labels, per_worker * sess.world, seed=shuffle_seed, epoch=epoch,
+                            rank=sess.rank, world=sess.world)  # fmt: skip
 
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
         metrics = {**metrics, "stage": stage, "world_size": sess.world, "resumed_from": start,
@@ -177,7 +207,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     fit_stage(model, batches, tau=tau, epochs=epochs, cfg=cfg, device=sess.device,
               seed=cfg.seed * 1009 + 17 * stage + sess.rank, start_epoch=start, optimizer=opt, scheduler=sched,
               on_epoch_end=on_epoch_end, progress=config["progress"] and sess.rank == 0, desc=f"stage {stage}",
-              autocast_dtype=torch.bfloat16 if config["bf16"] else None)  # fmt: skip
+              autocast_dtype=torch.bfloat16 if config["bf16"] else None,
+              steps=len(images) // (per_worker * sess.world))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- the job
@@ -210,7 +241,7 @@ def _run_stage(stage: int, ds: Any, cfg: DVAEConfig, run_dir: Path, run_name: st
 
 def _ray_train(config: dict, ds: Any, run_dir: Path, name: str, *, num_workers: int, use_gpu: bool,
                cpus_per_worker: float | None, max_failures: int) -> str:  # fmt: skip
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     resources = {"CPU": cpus_per_worker if cpus_per_worker is not None else (1.0 if use_gpu else 0.5)}
@@ -222,6 +253,7 @@ def _ray_train(config: dict, ds: Any, run_dir: Path, name: str, *, num_workers: 
         run_config=RunConfig(name=name, storage_path=str(run_dir / "ray"),
                              failure_config=FailureConfig(max_failures=max_failures)),  # fmt: skip
         datasets={"train": ds},
+        dataset_config=DataConfig(datasets_to_split=[]),  # every worker loads all of it (see _train_loop)
     )
     result = trainer.fit()
     if result.checkpoint is None:

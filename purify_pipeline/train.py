@@ -168,6 +168,7 @@ def fit_stage(
     desc: str = "D-VAE",
     autocast_dtype: torch.dtype | None = None,
     batch_size: int | None = None,
+    steps: int | None = None,
 ) -> list[dict[str, float]]:
     """Train `model` (a DVAE, possibly DDP-wrapped) for epochs [start_epoch, epochs); return per-epoch metrics.
 
@@ -180,9 +181,9 @@ def fit_stage(
         images, labels_arr = np.asarray(data), np.asarray(labels)
         bs = batch_size or cfg.batch_size
         batches: Batches = lambda e: array_batches(images, labels_arr, bs, seed=seed, epoch=e)
-        steps: int | None = max(1, len(images) // bs)
+        steps = max(1, len(images) // bs)
     elif callable(data):
-        batches, steps = data, None
+        batches = data  # `steps`: its batches per epoch, for the progress bar (None: unknown until one epoch ran)
     else:
         raise TypeError("fit_stage needs (images, labels) arrays or a callable epoch -> iterable of batches")
     if optimizer is None:
@@ -221,6 +222,8 @@ def fit_stage(
             n_seen, step = n_seen + len(x), step + 1
             if step % 10 == 1:
                 bar.set_postfix(loss=f"{terms['loss'].item():.4f}", kl=f"{terms['kl'].item():.2f}")
+        bar.close()
+        steps = steps or step  # streamed batches (drop_last): every epoch has the first one's count of steps
         if scheduler is not None:
             scheduler.step()
         seconds = time.perf_counter() - t0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from purify_pipeline import DVAEConfig, Purifier, shards
 from purify_pipeline.fit import fit_purifier
@@ -100,3 +101,38 @@ def test_single_process_mode_and_label_errors(small_shards, tmp_path, ray_sessio
     with pytest.raises(Exception, match=r"key 'train_\d+'.*label \d is outside the model's classes \[0, 3\)"):
         fit_purifier(small_shards, preset=_cfg(), num_classes=3, class_names=["a", "b", "c"], num_workers=0,
                      output=str(tmp_path / "bad"), storage_path=str(tmp_path / "runs"), progress=False)  # fmt: skip
+
+
+class _ShuffledIterator:
+    """Stands in for a Ray DataIterator whose read tasks finished in some order."""
+
+    def __init__(self, chunks: list[dict]) -> None:
+        self.chunks = chunks
+
+    def iter_batches(self, **_: object):
+        yield from self.chunks
+
+
+def test_every_path_sees_one_seeded_permutation_of_all_samples_per_epoch(rng):
+    from purify_pipeline.fit import load_training_arrays, rank_batches
+    from purify_pipeline.train import array_batches
+
+    n = 40
+    x = rng.integers(0, 256, size=(n, 4, 4, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, size=n)
+    keys = np.array([f"k{i:03d}" for i in range(n)], dtype=object)
+    parts = [slice(25, 40), slice(0, 10), slice(10, 25)]  # rows arrive in whatever order Ray's tasks finished
+    got_x, got_y = load_training_arrays(_ShuffledIterator([{"image": x[p], "label": y[p], "key": keys[p]} for p in parts]))
+    np.testing.assert_array_equal(got_x, x)  # back in key order: the shuffle below no longer depends on Ray
+    np.testing.assert_array_equal(got_y, y)
+
+    for epoch in (0, 3):
+        ref = list(array_batches(x, y, 8, seed=5, epoch=epoch))  # what the in-process fit_stage(images, labels) uses
+        one = list(rank_batches(x, y, 8, seed=5, epoch=epoch))
+        two = [list(rank_batches(x, y, 8, seed=5, epoch=epoch, rank=r, world=2)) for r in (0, 1)]
+        assert len(ref) == len(one) == len(two[0]) == len(two[1]) == n // 8
+        for b, (rx, ry) in enumerate(ref):
+            assert torch.equal(one[b][0], rx) and torch.equal(one[b][1], ry)
+            both = torch.cat([two[0][b][0], two[1][b][0]])  # the two ranks split each global batch, no overlap
+            assert sorted(map(bytes, both.numpy())) == sorted(map(bytes, rx.numpy()))
+    assert not torch.equal(ref[0][0], list(array_batches(x, y, 8, seed=5, epoch=1))[0][0])  # a new order each epoch
