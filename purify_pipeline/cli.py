@@ -16,80 +16,20 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import ray_init
+from .ray_init import init_ray
+
 __all__ = ["CLIError", "check_checkpoint", "init_ray", "main", "parse_kv"]
 
 PROG = "purify-pipeline"
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
-_STARTED_RAY = False  # shut down at exit only a Ray this process started
-DEBUG = False  # --debug: tracebacks and Ray's own log lines
-# Ray's internal INFO/WARNING chatter (non-TTY progress logs, auth notices, ...): hidden unless --debug
-_RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.data._internal.progress.logging_progress",
-                "ray.data._internal.execution.streaming_executor")  # fmt: skip
-
-
 class CLIError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
-
-
-# ----------------------------------------------------------------------------------------------- Ray
-
-
-def _check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast (a socket connect) instead of letting ray.init retry an address nobody listens on."""
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit():
-        raise CLIError(f"Ray address {address!r} is not host:port (or 'auto', or ray://host:port)")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            pass
-    except OSError as e:
-        raise CLIError(f"cannot reach a Ray cluster at {address}: {e.strerror or e}") from None
-
-
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool | None = None) -> None:
-    """Connect to the Ray cluster at `address` (checked for reachability first), else start a local Ray.
-
-    Local Ray gets at least 4 logical CPUs (oversubscribing a 2-core machine is fine; fewer slots make
-    actor pools starve Ray Data's read tasks) and no dashboard. No-op when Ray is already initialised."""
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    import ray
-
-    global _STARTED_RAY
-    if ray.is_initialized():
-        return
-    from ._progress import progress_enabled
-
-    quiet = not progress_enabled() if log_to_driver is None else not log_to_driver
-    if address and address != "auto":
-        _check_reachable(address)
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=not quiet, logging_level="WARNING" if DEBUG else "ERROR")
-        else:
-            ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-                     log_to_driver=not quiet, configure_logging=True, logging_level="WARNING" if DEBUG else "ERROR")  # fmt: skip
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise CLIError(f"cannot connect to Ray at {address or 'a new local instance'}: {_first_line(e)}") from None
-    _STARTED_RAY = True
-    quiet_ray_logs()
-
-
-def quiet_ray_logs() -> None:
-    """Ray Data logs its progress every few seconds when stdout is not a terminal, and Ray logs start-up notices:
-    our own progress bars say enough. --debug keeps them."""
-    import logging
-
-    import ray.data  # noqa: F401  (configures its loggers on import: set levels after that)
-
-    for name in _RAY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.DEBUG if DEBUG else logging.ERROR)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -546,8 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     args._argv = argv[argv.index(args.command) + 1 :] if args.command in argv else []
-    global DEBUG
-    DEBUG = bool(args.debug)
+    ray_init.DEBUG = bool(args.debug)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -563,16 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {msg}{hint}", file=sys.stderr)
         return 1
     finally:
-        _shutdown_ray()
-
-
-def _shutdown_ray() -> None:
-    global _STARTED_RAY
-    if _STARTED_RAY:
-        import ray
-
-        ray.shutdown()
-        _STARTED_RAY = False
+        ray_init.shutdown_started_ray()
 
 
 if __name__ == "__main__":

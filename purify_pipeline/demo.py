@@ -456,7 +456,7 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike = "purify-demo", *, 
     import torch
 
     from . import DVAEConfig, psnr, retention
-    from .cli import init_ray
+    from .ray_init import init_ray
     from .defenses import jpeg
     from .fit import fit_purifier
     from .purify import purify_shards
