@@ -296,6 +296,17 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(a: argparse.Namespace) -> int:
+    from .audit import audit_shards
+
+    urls = _expand(a.inputs)
+    if a.ray:
+        init_ray(a.address)
+    result = audit_shards(urls, num_classes=a.num_classes, max_images=a.max_images, seed=a.seed, use_ray=a.ray)
+    print(json.dumps(result.to_dict()) if a.json else result.summary())
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- parser
 
 
@@ -444,6 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="delete an earlier demo output in --out first")
     _ray_args(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("audit", help="learnability audit: are labelled shards shortcut-poisoned? (no clean test set)",
+                       description="Train two small linear probes (raw pixels; high-frequency residual structure) "
+                       "on half of a seeded sample of the shards and score them on the other half. Availability "
+                       "poisons are shortcuts a linear model fits; clean images are not linearly separable. Prints "
+                       "the shortcut score and a verdict: clean-like / suspicious / poisoned (thresholds calibrated "
+                       "on clean CIFAR-10; see benchmarks/results/audit/).")  # fmt: skip
+    p.add_argument("inputs", nargs="+", help="shards with <key>.cls labels: brace pattern, glob, directory or paths")
+    p.add_argument("--num-classes", type=int, help="number of classes (default: largest label + 1)")
+    p.add_argument("--max-images", type=int, default=10_000, help="images sampled (seeded, by key hash)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--ray", action="store_true", help="sample and decode with Ray Data (one task per shard)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    _ray_args(p)
+    p.set_defaults(func=cmd_audit)
     return parser
 
 

@@ -1,0 +1,251 @@
+"""Learnability audit: is a labelled image set shortcut-poisoned (before purification) or still so (after)?
+
+    r = audit(images, labels, num_classes=10)          # uint8 NHWC + int labels
+    r = audit_shards("data/train-{000000..000009}.tar")  # a seeded sample of shards (use_ray=True: Ray Data)
+    print(r.summary()); r.to_dict()
+
+Availability poisons are shortcuts: label-correlated patterns that a linear model fits far better than it
+fits natural images (Yu et al., KDD 2022). The audit needs labels but no clean reference: it trains two small
+linear softmax probes on one seeded half of the (sampled) set and scores them on the other half.
+- pixel probe: standardised raw pixels (pooled to at most 32x32): spatially fixed shortcuts (LSP, OPS,
+  class-wise noise).
+- texture probe: per-image correlations of the high-frequency residual (x - 3x3 box blur) at 13 shifts
+  within 2 px (zero included), across channels, plus its log energy: shift-invariant, class-wise filtered noise (AR), which
+  the pixel probe does not see at all.
+Score = the larger held-out accuracy. Thresholds come from clean CIFAR-10 data only (5 disjoint 10k training
+subsets, the test split, and JPEG-10 / grayscale / BDR versions of a clean subset), measured by
+benchmarks/audit.py and committed in benchmarks/results/audit/audit.json. They hold for 10-class, 32 px
+CIFAR-like data; for other data pass `thresholds=` measured the same way on known-clean samples.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["AuditResult", "CLEAN_CALIBRATION", "THRESHOLDS", "audit", "audit_shards", "pixel_features",
+           "texture_features"]
+
+# Clean calibration (benchmarks/results/audit/audit.json, seed 0, 10k images each): the largest probe score
+# over every clean set, and the spread (max - min) of those scores.
+CLEAN_CALIBRATION: dict[str, float] = {"max": 0.368, "min": 0.328}
+# clean-like: score <= max_clean + margin, margin = max(spread, 0.02); poisoned: score >= max_clean + 4 margins.
+THRESHOLDS: tuple[float, float] = (0.408, 0.528)
+VERDICTS = ("clean-like", "suspicious", "poisoned")
+OFFSETS = [(0, 1), (0, 2)] + [(dy, dx) for dy in (1, 2) for dx in range(-2, 3)]  # 12 half-plane shifts (+ zero)
+
+
+@dataclass
+class AuditResult:
+    """Shortcut score (higher = more shortcut), verdict and the numbers behind them."""
+
+    score: float
+    verdict: str
+    pixel_acc: float  # held-out accuracy of the linear probe on raw pixels
+    texture_acc: float  # held-out accuracy of the linear probe on residual-correlation features
+    pixel_train_acc: float
+    texture_train_acc: float
+    n_images: int  # images audited (after sampling); half train the probes, half score them
+    num_classes: int
+    thresholds: tuple[float, float]  # (clean-like max, poisoned min)
+    seed: int
+    seconds: float
+    class_counts: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "thresholds": list(self.thresholds)}
+
+    def summary(self) -> str:
+        """A one-screen report."""
+        lo, hi = self.thresholds
+        return "\n".join([
+            f"learnability audit: {self.verdict.upper()}  (shortcut score {self.score:.3f})",
+            f"  thresholds: clean-like <= {lo:.3f} < suspicious < {hi:.3f} <= poisoned (clean CIFAR-10 calibration)",
+            f"  pixel probe   (linear, raw pixels):         held-out {self.pixel_acc:.3f}, train {self.pixel_train_acc:.3f}",
+            f"  texture probe (linear, residual structure): held-out {self.texture_acc:.3f}, train {self.texture_train_acc:.3f}",
+            f"  {self.n_images} images, {self.num_classes} classes (chance {1 / self.num_classes:.3f}), seed {self.seed}, "
+            f"{self.seconds:.1f} s",
+        ])  # fmt: skip
+
+
+def _check(images: np.ndarray, labels: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    images = np.asarray(images)
+    y = np.asarray(labels)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 NHWC with 1 or 3 channels, got {images.dtype} {images.shape}")
+    if len(images) == 0:
+        raise ValueError("no images to audit")
+    if y.ndim != 1 or len(y) != len(images):
+        raise ValueError(f"{len(images)} images but labels of shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got {y.dtype}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got {y.min()}..{y.max()}")
+    present = np.unique(y)
+    if len(present) < 2:
+        raise ValueError(f"the audit needs at least two classes; all {len(y)} images are class {present[0]}")
+    if len(images) < 20:
+        raise ValueError(f"too few images to audit ({len(images)}; at least 20, ideally thousands)")
+    if min(images.shape[1:3]) < 8:
+        raise ValueError(f"images of {images.shape[1]}x{images.shape[2]} px are too small (at least 8x8)")
+    return images, y.astype(np.int64)
+
+
+def pixel_features(images: np.ndarray) -> torch.Tensor:
+    """Raw pixels in [0,1], average-pooled to at most 32x32, flattened (N, C*h*w)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
+    h, w = x.shape[2:]
+    if max(h, w) > 32:
+        x = F.adaptive_avg_pool2d(x, (min(h, 32), min(w, 32)))
+    return x.reshape(len(x), -1)
+
+
+def texture_features(images: np.ndarray, chunk: int = 2000) -> torch.Tensor:
+    """Per image: log energy of the high-frequency residual r = x - box3x3(x) per channel, and the normalised
+    correlations of r between channels at 13 shifts within 2 px (N, C + C(C-1)/2 + 12*C*C)."""
+    out = []
+    for i in range(0, len(images), chunk):
+        x = torch.from_numpy(np.ascontiguousarray(images[i : i + chunk])).permute(0, 3, 1, 2).float().div_(255)
+        r = (x - F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))[:, :, 2:-2, 2:-2]
+        n, c, h, w = r.shape
+        e = (r * r).mean((2, 3))
+        rn = r / (e.sqrt()[:, :, None, None] + 1e-6)
+        feats = [torch.log(e + 1e-8)]
+        feats += [(rn[:, a] * rn[:, b]).mean((1, 2))[:, None] for a in range(c) for b in range(a + 1, c)]
+        for dy, dx in OFFSETS:
+            a = rn[:, :, dy:, max(dx, 0) : w + min(dx, 0)]
+            b = rn[:, :, : h - dy, max(-dx, 0) : w - max(dx, 0)]
+            feats.append(torch.einsum("nchw,ndhw->ncd", a, b).reshape(n, -1) / (a.shape[2] * a.shape[3]))
+        out.append(torch.cat(feats, 1))
+    return torch.cat(out)
+
+
+def _linear_probe(x: torch.Tensor, y: torch.Tensor, tr: torch.Tensor, te: torch.Tensor, *, num_classes: int,
+                  epochs: int, lr: float, gen: torch.Generator, batch_size: int = 256) -> tuple[float, float]:
+    """Standardise on the train half, fit softmax regression with Adam for `epochs` epochs but at least as many
+    steps as 10k images get (20 batches an epoch), so small sets are not under-trained; (train, held-out acc)."""
+    epochs = max(epochs, math.ceil(epochs * 20 / math.ceil(len(tr) / batch_size)))
+    mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-6
+    x = (x - mu) / sd
+    w = torch.zeros(x.shape[1], num_classes, requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=lr)
+    for _ in range(epochs):
+        order = tr[torch.randperm(len(tr), generator=gen)]
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            loss = F.cross_entropy(x[idx] @ w + b, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        acc = [((x[s] @ w + b).argmax(1) == y[s]).float().mean().item() for s in (tr, te)]
+    return acc[0], acc[1]
+
+
+def verdict_for(score: float, thresholds: tuple[float, float] = THRESHOLDS) -> str:
+    """clean-like / suspicious / poisoned for a score under (clean-like max, poisoned min)."""
+    return VERDICTS[0] if score <= thresholds[0] else VERDICTS[2] if score >= thresholds[1] else VERDICTS[1]
+
+
+def audit(images: np.ndarray, labels: Any, *, num_classes: int, seed: int = 0, max_images: int | None = 10_000,
+          thresholds: tuple[float, float] | None = None) -> AuditResult:
+    """Audit uint8 NHWC `images` with integer `labels`; at most `max_images` (a seeded sample) are used."""
+    t0 = time.perf_counter()
+    images, y = _check(images, labels, num_classes)
+    gen = torch.Generator().manual_seed(seed)
+    if max_images is not None and len(images) > max_images:
+        keep = np.sort(np.random.default_rng(seed).choice(len(images), max_images, replace=False))
+        images, y = images[keep], y[keep]
+    yt = torch.from_numpy(y)
+    perm = torch.randperm(len(y), generator=gen)
+    tr, te = perm[: len(y) // 2], perm[len(y) // 2 :]
+    pix = _linear_probe(pixel_features(images), yt, tr, te, num_classes=num_classes, epochs=8, lr=1e-3, gen=gen)
+    tex = _linear_probe(texture_features(images), yt, tr, te, num_classes=num_classes, epochs=10, lr=1e-2, gen=gen)
+    score = max(pix[1], tex[1])
+    th = tuple(thresholds) if thresholds is not None else THRESHOLDS
+    return AuditResult(score=score, verdict=verdict_for(score, th), pixel_acc=pix[1], texture_acc=tex[1],
+                       pixel_train_acc=pix[0], texture_train_acc=tex[0], n_images=len(y), num_classes=num_classes,
+                       thresholds=th, seed=seed, seconds=time.perf_counter() - t0,
+                       class_counts=np.bincount(y, minlength=num_classes).tolist())  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ over shards
+
+
+def _rank(key: str, seed: int) -> int:
+    """A sample's place in the seeded sample order: the same for any shard order, split or worker count."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
+
+
+def _shard_ranks(url: str, seed: int) -> list[int]:
+    from . import shards
+
+    return [_rank(s["__key__"], seed) for s in shards.iter_samples(url)]
+
+
+def _shard_sample(url: str, seed: int, cutoff: int) -> list[tuple[int, np.ndarray, int]]:
+    """(rank, decoded image, label) of the shard's samples whose rank is <= cutoff."""
+    from . import shards
+
+    out = []
+    for s in shards.iter_samples(url):
+        r = _rank(s["__key__"], seed)
+        if r <= cutoff:
+            col = shards.find_image_column(s, shard=url, key=s["__key__"])
+            out.append((r, shards.decode_image(s[col], col, shard=url, key=s["__key__"]),
+                        shards.parse_label(s.get("cls"), shard=url, key=s["__key__"])))  # fmt: skip
+    return out
+
+
+def audit_shards(urls: str | Sequence[str], *, num_classes: int | None = None, max_images: int = 10_000,
+                 seed: int = 0, use_ray: bool = False, thresholds: tuple[float, float] | None = None) -> AuditResult:
+    """Audit WebDataset shards (`.cls` labels): the `max_images` samples of smallest seeded key hash, i.e. a
+    uniform sample that does not depend on shard order. use_ray=True runs it as two Ray Data passes (hash
+    the keys per shard, then decode only the sampled images per shard); the sample and result are the same."""
+    from . import shards
+
+    found = shards.expand(urls)
+    if use_ray:
+        import ray
+
+        items = ray.data.from_items([{"url": u} for u in found], override_num_blocks=len(found))
+        ranks = items.flat_map(lambda row: [{"r": r} for r in _shard_ranks(row["url"], seed)])
+        allr = np.sort(np.concatenate([b["r"] for b in ranks.iter_batches(batch_format="numpy")]).astype(np.uint64))
+        if len(allr) == 0:
+            raise ValueError(f"no samples in {len(found)} shard(s)")
+        cutoff = int(allr[min(max_images, len(allr)) - 1])
+        rows = items.flat_map(lambda row: [{"r": r, "image": x, "label": y}
+                                           for r, x, y in _shard_sample(row["url"], seed, cutoff)])  # fmt: skip
+        picked = sorted(((int(r["r"]), r["image"], int(r["label"])) for r in rows.iter_rows()), key=lambda t: t[0])
+    else:
+        heap: list[tuple[int, int, str, dict]] = []  # max-heap by rank (negated) of raw samples
+        for url in found:
+            for i, s in enumerate(shards.iter_samples(url)):
+                item = (-_rank(s["__key__"], seed), -i, url, s)  # (rank, position) ties never reach the dict
+                if len(heap) < max_images:
+                    heapq.heappush(heap, item)  # type: ignore[arg-type]
+                elif item[0] > heap[0][0]:
+                    heapq.heapreplace(heap, item)  # type: ignore[arg-type]
+        if not heap:
+            raise ValueError(f"no samples in {len(found)} shard(s)")
+        picked = []
+        for neg, _, url, s in sorted(heap, key=lambda t: -t[0]):
+            col = shards.find_image_column(s, shard=url, key=s["__key__"])
+            picked.append((-neg, shards.decode_image(s[col], col, shard=url, key=s["__key__"]),
+                           shards.parse_label(s.get("cls"), shard=url, key=s["__key__"])))  # fmt: skip
+    images = np.stack([p[1] for p in picked])
+    labels = np.array([p[2] for p in picked], dtype=np.int64)
+    k = num_classes if num_classes is not None else int(labels.max()) + 1
+    return audit(images, labels, num_classes=k, seed=seed, max_images=None, thresholds=thresholds)
