@@ -274,13 +274,15 @@ def test_demo_tiny_end_to_end(tmp_path, cifar10_dir):
     p = run("demo", "--size", "tiny", "--data", cifar10_dir, "--out", out, timeout=1500)
     assert p.returncode == 0, p.stderr[-5000:]
     assert "| poisoned (lsp) | 400 |" in p.stdout and "| purified (D-VAE) | 400 |" in p.stdout
+    assert "| JPEG-10 (baseline) | 400 |" in p.stdout  # users ask "why not just JPEG?"
+    assert "estimated time on this machine" in p.stderr
     for name in ("report.md", "grid.png", "accuracy.png", "results.json", "checkpoint/config.json"):
         assert (out / name).exists(), name
     for name in ("grid.png", "accuracy.png"):
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.size[0] > 300
     res = json.loads((out / "results.json").read_text())
-    assert [r["train_set"] for r in res["rows"]] == ["clean", "poisoned (lsp)", "purified (D-VAE)"]
+    assert [r["train_set"] for r in res["rows"]] == ["clean", "poisoned (lsp)", "JPEG-10 (baseline)", "purified (D-VAE)"]
     assert all(0.0 <= r["test_acc"] <= 1.0 and r["train_images"] == 400 for r in res["rows"])
     purified = shards.load_arrays(shards.expand(str(out / "data" / "purified")), show_progress=False)
     poisoned = shards.load_arrays(shards.expand(str(out / "data" / "poisoned")), show_progress=False)
@@ -290,10 +292,11 @@ def test_demo_tiny_end_to_end(tmp_path, cifar10_dir):
     assert man["complete"] and man["totals"]["output_count"] == 400
     report = (out / "report.md").read_text()
     assert "grid.png" in report and "accuracy.png" in report and "| purified (D-VAE) |" in report
+    assert "far too small and short for the accuracies above to mean anything" in report
     # the output exists: refused without --resume; --resume reuses every finished step and reproduces the table
     assert_one_line_error(run("demo", "--size", "tiny", "--data", cifar10_dir, "--out", out), "already exists")
     p2 = run("demo", "--size", "tiny", "--data", cifar10_dir, "--out", out, "--resume", timeout=900)
     assert p2.returncode == 0, p2.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
-    assert_one_line_error(run("demo", "--size", "small", "--data", cifar10_dir, "--out", out, "--resume"),
-                          "other settings")  # fmt: skip
+    assert_one_line_error(run("demo", "--size", "tiny", "--images", "200", "--data", cifar10_dir, "--out", out,
+                              "--resume"), "other settings")  # fmt: skip

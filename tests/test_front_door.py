@@ -46,7 +46,7 @@ def readme_snippet() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def _run(code: str, cwd: Path, timeout: float = 420) -> subprocess.CompletedProcess:
+def _run(code: str, cwd: Path, timeout: float = 840) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     env.pop("RAY_ADDRESS", None)  # a new local Ray, never a cluster the caller points at
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
