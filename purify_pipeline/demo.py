@@ -342,7 +342,7 @@ def _report(out: Path, s: DemoSettings, info: dict[str, Any], rows: list[dict[st
         "instead of the images. D-VAE (Yu et al., ICML 2024) was fitted on the poisoned images alone and used to purify "
         "them; the same classifier recipe was then trained on each version and tested on clean test images.",
         "",
-        f"![examples](grid.png)",
+        "![examples](grid.png)",
         "",
         "Rows: clean image, poisoned image, the perturbation (poisoned − clean, amplified ×8 around grey), purified image.",
         "",
@@ -350,7 +350,7 @@ def _report(out: Path, s: DemoSettings, info: dict[str, Any], rows: list[dict[st
         "",
         accuracy_table(rows),
         "",
-        f"![accuracy](accuracy.png)",
+        "![accuracy](accuracy.png)",
         "",
         f"Chance is {100 / info['num_classes']:.0f}%. Test set: {info['test_images']} clean CIFAR-10 test images. "
         f"Classifier: `{s.classifier}` preset {dict(s.classifier_overrides) or ''}, seed {s.seed}.",

@@ -63,3 +63,18 @@ def ray_data_context(ray_session):
 @pytest.fixture()
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A real (untrained, seeded) tiny two-stage checkpoint on disk: weights are irrelevant to the plumbing."""
+    import torch
+
+    from purify_pipeline import DVAE, DVAEConfig, Purifier
+
+    torch.manual_seed(0)
+    cfg = DVAEConfig.preset("tiny")
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    Purifier(DVAE(cfg), DVAE(cfg)).save(path)
+    return str(path)
+

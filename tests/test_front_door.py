@@ -10,21 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from purify_pipeline import DVAE, DVAEConfig, Purifier, shards
+from purify_pipeline import Purifier, shards
 from purify_pipeline.stage import PurifyStage, sample_ids_for_keys
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    cfg = DVAEConfig.preset("tiny")
-    path = tmp_path_factory.mktemp("ckpt") / "ckpt"
-    Purifier(DVAE(cfg), DVAE(cfg)).save(path)
-    return str(path)
+def checkpoint(tiny_checkpoint) -> str:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

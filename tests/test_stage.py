@@ -5,10 +5,9 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from purify_pipeline import DVAE, DVAEConfig, Purifier, shards
+from purify_pipeline import Purifier, shards
 from purify_pipeline.shards import ShardError
 from purify_pipeline.stage import PurifyBatch, PurifyStage, sample_ids_for_keys
 
@@ -16,13 +15,8 @@ N = 120  # samples of one CIFAR-10 shard used here (keeps the tiny model's CPU t
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    """A real (untrained, seeded) tiny two-stage checkpoint on disk: weights are irrelevant to the plumbing."""
-    torch.manual_seed(0)
-    cfg = DVAEConfig.preset("tiny")
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    Purifier(DVAE(cfg), DVAE(cfg)).save(path)
-    return str(path)
+def checkpoint(tiny_checkpoint) -> str:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
