@@ -10,9 +10,8 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
-from purify_pipeline import DVAE, DVAEConfig, Purifier, shards
+from purify_pipeline import Purifier, shards
 from purify_pipeline.purify import purify_shards
 from purify_pipeline.stage import PurifyBatch, PurifyStage, sample_ids_for_keys
 
@@ -39,12 +38,8 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    cfg = DVAEConfig.preset("tiny")
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    Purifier(DVAE(cfg), DVAE(cfg)).save(path)
-    return str(path)
+def checkpoint(tiny_checkpoint) -> str:
+    return tiny_checkpoint
 
 
 def _reference(checkpoint: str, samples: list[dict]) -> np.ndarray:
