@@ -17,6 +17,18 @@ Resume: a shard is done when the manifest lists it and the output file's sha256 
 with the same checkpoint and settings only processes the others. Output names depend on the input shard's
 position in the sorted input list (not on Ray's uuids), so resumed and uninterrupted runs give the same bytes.
 
+Counting and quarantine: every sample group of a tar is one row (`shards.iter_records`), bad ones included,
+so per shard ``input_count = output_count + len(quarantined)`` holds by construction and is checked before
+a shard is recorded. Quarantined samples are re-read from their input shard and written, original members
+byte for byte plus the reason, to ``<output>/quarantine/<prefix>-<index:06d>.tar`` (a subdirectory, so a
+glob or directory read of the output never picks them up as training data).
+
+Output safety (`_prepare_output`, `outdir`): the job deletes or replaces only its own files, and refuses
+(before touching anything) an output that holds the inputs, a foreign manifest.json, or, without its
+manifest, a file it would overwrite. The manifest carries no timestamps, durations or run ids: identical
+runs (same inputs, checkpoint path and settings) write byte-identical manifests; the run's timing is only
+in the returned `PurifySummary`.
+
 Limit: the driver assembles and writes every output shard, so the job's output bandwidth is one process's;
 purified CIFAR-size PNGs are ~2-3 KB, i.e. tens of MB/s at 20k images/s, well within that.
 """

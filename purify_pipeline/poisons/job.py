@@ -131,6 +131,8 @@ def _classes_from_inputs(urls: Sequence[str], storage_options: Mapping[str, Any]
 def _first_image_size(url: str, cfg: PoisonJobConfig) -> tuple[int, int]:
     for s in shards.iter_samples(url, storage_options=cfg.storage_options):
         col = cfg.image_column or shards.find_image_column(s, shard=url, key=s["__key__"])
+        if col not in s:
+            raise shards.ShardError(f"no .{col} member", shard=url, key=s["__key__"])
         img = shards.decode_image(s[col], col, shard=url, key=s["__key__"])
         return img.shape[0], img.shape[1]
     raise shards.ShardError("shard holds no samples", shard=url)
