@@ -36,9 +36,9 @@ __all__ = ["AuditResult", "CLEAN_CALIBRATION", "THRESHOLDS", "audit", "audit_sha
 # Clean calibration (benchmarks/results/audit/audit.json, seed 0, 10k images each): scores 0.356 0.351 0.366
 # 0.354 0.360 (train subsets 0-9k ... 40-49k), 0.368 (test split), 0.328 / 0.346 / 0.345 (first subset after
 # JPEG-10 / grayscale / BDR-2): the largest and smallest clean score.
-CLEAN_CALIBRATION: dict[str, float] = {"max": 0.368, "min": 0.328}
+CLEAN_CALIBRATION: dict[str, float] = {"max": 0.3678, "min": 0.3276}
 # clean-like: score <= max_clean + margin, margin = max(spread, 0.02); poisoned: score >= max_clean + 4 margins.
-THRESHOLDS: tuple[float, float] = (0.408, 0.528)
+THRESHOLDS: tuple[float, float] = (0.4080, 0.5286)
 VERDICTS = ("clean-like", "suspicious", "poisoned")
 OFFSETS = [(0, 1), (0, 2)] + [(dy, dx) for dy in (1, 2) for dx in range(-2, 3)]  # 12 half-plane shifts (+ zero)
 
