@@ -68,7 +68,7 @@ class AuditResult:
         lo, hi = self.thresholds
         return "\n".join([
             f"learnability audit: {self.verdict.upper()}  (shortcut score {self.score:.3f})",
-            f"  thresholds: clean-like <= {lo:.3f} < suspicious < {hi:.3f} <= poisoned (clean CIFAR-10 calibration)",
+            f"  thresholds: clean-like <= {lo:.4f} < suspicious < {hi:.4f} <= poisoned (clean CIFAR-10 calibration)",
             f"  pixel probe   (linear, raw pixels):         held-out {self.pixel_acc:.3f}, train {self.pixel_train_acc:.3f}",
             f"  texture probe (linear, residual structure): held-out {self.texture_acc:.3f}, train {self.texture_train_acc:.3f}",
             f"  {self.n_images} images, {self.num_classes} classes (chance {1 / self.num_classes:.3f}), seed {self.seed}, "
