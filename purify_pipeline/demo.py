@@ -501,8 +501,7 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike = "purify-demo", *, 
         clean_x, clean_y, _ = _arrays(clean_urls[:1])
         estimate = estimate_seconds(s, k, clean_x, clean_y, device)
         est_path.write_text(json.dumps(estimate, indent=1) + "\n")
-    if show:
-        print(plan(s, estimate, device), file=sys.stderr)
+    print(plan(s, estimate, device), file=sys.stderr)  # always: what will run, and for how long
 
     # 2. poison
     t0 = step(f"poison the training subset with {s.poison}")
