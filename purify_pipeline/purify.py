@@ -419,6 +419,11 @@ def purify_shards(
                 finally:
                     for f in asm.writes:
                         f.cancel()
+        except BaseException:
+            own = outdir.existing_names(output, so) & outdir.own_names(prefix, len(urls))
+            if old is None and not entries and own == {shards.MANIFEST_NAME}:  # a first run that wrote no shard
+                outdir.remove_own(output, [shards.MANIFEST_NAME], so)  # leaves the directory as it found it
+            raise
         finally:
             bar.close()
             ctx.enable_progress_bars = ray_bars
