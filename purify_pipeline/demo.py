@@ -358,6 +358,10 @@ def _report(out: Path, s: DemoSettings, info: dict[str, Any], rows: list[dict[st
         "## Purification",
         "",
         f"- PSNR to the clean images: poisoned {info['psnr_poisoned']:.2f} dB, purified {info['psnr_purified']:.2f} dB.",
+        f"- Shortcut audit (labels only, no clean data; `purify-pipeline audit`): poisoned "
+        f"{info['audit']['poisoned']['score']:.2f} ({info['audit']['poisoned']['verdict']}), purified "
+        f"{info['audit']['purified']['score']:.2f} ({info['audit']['purified']['verdict']}); clean-like up to "
+        f"{info['audit']['purified']['thresholds'][0]:.2f} (benchmarks/results/audit).",
         f"- Perturbation retained in the purified images (projection onto the poison, 1 = untouched, 0 = removed): "
         f"{info['retention']:.3f}.",
         f"- D-VAE: preset `{s.preset}` {dict(s.preset_overrides) or ''} (width {info['dvae']['width']}, "
@@ -457,6 +461,7 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike = "purify-demo", *, 
 
     from . import DVAEConfig, psnr, retention
     from .ray_init import init_ray
+    from .audit import audit
     from .defenses import jpeg
     from .fit import fit_purifier
     from .purify import purify_shards
@@ -564,6 +569,7 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike = "purify-demo", *, 
         "dvae": {"width": pur.cfg.width, "epochs": pur.cfg.epochs, "preset": s.preset},
         "psnr_poisoned": float(psnr(px, cx)), "psnr_purified": float(psnr(ux, cx)),
         "retention": float(retention(ux, cx, delta)),
+        "audit": {name: audit(x, cy, num_classes=k, seed=s.seed).to_dict() for name, x in (("poisoned", px), ("purified", ux))},
         "purify": {"images_per_s": summary.images_per_s if summary.samples_in else float("nan"),
                    "samples": summary.samples_out, "resumed_shards": summary.shards_resumed},
         "machine": _machine(), "command": command, "seconds": seconds, "estimate": estimate,

@@ -293,6 +293,7 @@ def test_demo_tiny_end_to_end(tmp_path, cifar10_dir):
     report = (out / "report.md").read_text()
     assert "grid.png" in report and "accuracy.png" in report and "| purified (D-VAE) |" in report
     assert "far too small and short for the accuracies above to mean anything" in report
+    assert "Shortcut audit" in report and set(res["audit"]) == {"poisoned", "purified"}
     # the output exists: refused without --resume; --resume reuses every finished step and reproduces the table
     assert_one_line_error(run("demo", "--size", "tiny", "--data", cifar10_dir, "--out", out), "already exists")
     p2 = run("demo", "--size", "tiny", "--data", cifar10_dir, "--out", out, "--resume", timeout=900)
