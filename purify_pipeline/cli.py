@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import ray_init
-from .ray_init import init_ray
+from .ray_init import _first_line, init_ray
 
 __all__ = ["CLIError", "check_checkpoint", "init_ray", "main", "parse_kv"]
 
@@ -32,11 +32,6 @@ class CLIError(Exception):
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def _root_cause(e: BaseException) -> BaseException:

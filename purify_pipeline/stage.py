@@ -320,11 +320,12 @@ class PurifyStage:
         self.num_gpus = num_gpus
         self.num_cpus = num_cpus
         self.reserve_cpus = reserve_cpus
+        self.max_actors = max_actors
 
     def resolve_num_cpus(self, cluster_cpus: float | None) -> float:
         """CPUs per actor for a cluster of `cluster_cpus` (None: unknown, Ray not started): the explicit value,
         checked, or the default that leaves ``reserve_cpus`` free."""
-        n = self.actors[1] if isinstance(self.actors, tuple) else self.actors
+        n = self.max_actors
         if self.num_cpus is None:
             if cluster_cpus is None:
                 return 1.0
