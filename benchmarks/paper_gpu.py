@@ -48,7 +48,8 @@ from purify_pipeline.cli import CLIError, parse_kv  # noqa: E402
 from purify_pipeline.classifiers import ClassifierConfig  # noqa: E402
 from purify_pipeline.defenses import apply_defense  # noqa: E402
 from purify_pipeline.models import DVAE  # noqa: E402
-from purify_pipeline.purifier import Purifier, fit_two_stage  # noqa: E402
+from purify_pipeline.fit import fit_two_stage  # noqa: E402
+from purify_pipeline.purifier import Purifier  # noqa: E402
 from purify_pipeline.train import fit_stage  # noqa: E402
 from purify_pipeline.train_classifier import train_classifier  # noqa: E402
 

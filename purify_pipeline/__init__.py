@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 # don't pay for torch and Ray; `from purify_pipeline import PurifyStage` works as usual.
 _EXPORTS = {
     "CheckpointError": "checkpoint", "DVAEConfig": "config", "fit_purifier": "fit", "psnr": "metrics",
-    "retention": "metrics", "DVAE": "models", "Purifier": "purifier", "fit_two_stage": "purifier",
+    "retention": "metrics", "DVAE": "models", "Purifier": "purifier", "fit_two_stage": "fit",
     "PurifySummary": "purify", "purify_shards": "purify", "ShardError": "shards", "PurifyBatch": "stage",
     "PurifyConfig": "stage", "PurifyStage": "stage", "fit_stage": "train",
 }  # fmt: skip
@@ -30,10 +30,10 @@ if TYPE_CHECKING:
     from . import poisons, shards
     from .checkpoint import CheckpointError
     from .config import DVAEConfig
-    from .fit import fit_purifier
+    from .fit import fit_purifier, fit_two_stage
     from .metrics import psnr, retention
     from .models import DVAE
-    from .purifier import Purifier, fit_two_stage
+    from .purifier import Purifier
     from .purify import PurifySummary, purify_shards
     from .shards import ShardError
     from .stage import PurifyBatch, PurifyConfig, PurifyStage

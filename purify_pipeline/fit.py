@@ -31,12 +31,12 @@ from . import shards
 from ._progress import progress_enabled
 from .config import DVAEConfig
 from .models import DVAE
-from .purifier import Purifier
+from .purifier import Purifier, data_fingerprint, validate_batch
 from .shards import ShardError
 from .train import (array_batches, fit_stage, make_optimizer, recover_train_state, replace_dir, resume_stage,
                     save_train_state)
 
-__all__ = ["fit_purifier", "load_training_arrays", "rank_batches", "training_dataset"]
+__all__ = ["fit_one_stage", "fit_purifier", "fit_two_stage", "load_training_arrays", "rank_batches", "training_dataset"]
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -101,18 +101,19 @@ def rank_batches(images: np.ndarray, labels: np.ndarray, global_batch: int, *, s
         yield xb[rank::world], yb[rank::world]
 
 
-# ------------------------------------------------------------------------------------ the train loop
+# ------------------------------------------------------------------- one stage, whichever executor
 class _LocalSession:
-    """What a worker needs from Ray Train, for num_workers=0: the driver's dataset and a local checkpoint dir."""
+    """The in-process executor (`fit_two_stage`, `fit_purifier(num_workers=0)`): rank 0 of 1, epoch checkpoints
+    swapped into `ckpt` (none when None); `dataset` is the Ray dataset `fit_purifier` hands it, if any."""
 
     rank, world = 0, 1
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.ds, self.ckpt = config["dataset"], Path(config["stage_dir"], "local-checkpoint")
-        self.device = torch.device("cuda" if config["use_gpu"] else "cpu")
+    def __init__(self, ckpt: str | os.PathLike | None, device: str | torch.device = "cpu", dataset: Any = None) -> None:
+        self.ckpt = None if ckpt is None else Path(ckpt)
+        self.device, self.ds = torch.device(device), dataset
 
     def restore_dir(self) -> str | None:
-        d = recover_train_state(self.ckpt)
+        d = None if self.ckpt is None else recover_train_state(self.ckpt)
         return None if d is None else str(d)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -122,7 +123,7 @@ class _LocalSession:
         return self.ds.iterator()
 
     def report(self, metrics: dict, ckpt_dir: str | None) -> None:
-        if ckpt_dir:
+        if ckpt_dir and self.ckpt is not None:
 
             def move_in(t: Path) -> None:
                 for f in sorted(os.listdir(ckpt_dir), key=lambda f: f == "state.json"):  # state.json, the mark, last
@@ -132,6 +133,8 @@ class _LocalSession:
 
 
 class _RaySession:
+    """The Ray Train executor: rank and world from the train context, checkpoints through `ray.train.report`."""
+
     def __init__(self) -> None:
         import ray.train
         import ray.train.torch
@@ -142,6 +145,7 @@ class _RaySession:
         self.device = ray.train.torch.get_device()
         self._ckpt = ray.train.get_checkpoint()
         self._restore: Any = None
+        self.ckpt = True  # every epoch is reported with its checkpoint
 
     def restore_dir(self) -> str | None:
         if self._ckpt is None:
@@ -165,25 +169,20 @@ class _RaySession:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
 
 
-def _train_loop(config: dict[str, Any]) -> None:
-    """One worker of one stage: build the model, resume if a checkpoint exists, run `fit_stage`."""
-    sess = _LocalSession(config) if config.get("local") else _RaySession()
-    cfg, stage = DVAEConfig.from_dict(config["cfg"]), config["stage"]
-    if sess.device.type == "cpu" and not config.get("local"):
-        # Ray sets OMP_NUM_THREADS=1 for a worker holding <= 1 logical CPU (fractional on purpose, see RAY-NOTES),
-        # which leaves the other cores idle: split the node's cores among the workers on it instead.
-        torch.set_num_threads(config.get("threads") or max(1, (os.cpu_count() or 1) // sess.local_world))
+def fit_one_stage(images: np.ndarray, labels: np.ndarray, cfg: DVAEConfig, stage: int, sess: Any, *,
+                  progress: bool = True, bf16: bool = False, metrics_path: str | None = None,
+                  crash_after_epoch: int | None = None) -> tuple[DVAE, list[dict]]:  # fmt: skip
+    """The one stage loop of every fit, whatever runs it: seeded initial weights (the same on every rank), resume
+    from the session's last checkpoint, one seeded permutation of all samples per epoch (rank r trains on rows
+    r, r + world, ... of each global batch, so one worker sees exactly the in-process batches), `fit_stage`, a
+    checkpoint every epoch. Returns the (unwrapped) model and its epoch history."""
     epochs, tau = cfg.epochs_for(stage), cfg.tau(stage)
-    torch.manual_seed(cfg.seed + 1000 * stage)  # identical initial weights on every rank
+    torch.manual_seed(cfg.seed + 1000 * stage)
     model = DVAE(cfg).to(sess.device)  # before the optimizer, so restored Adam moments land on the model's device
     opt, sched = make_optimizer(model, cfg, epochs)
     restore = sess.restore_dir()
     start, history, tau = resume_stage(restore, model, opt, sched, tau)
     model = sess.prepare(model)
-    # Every worker holds the whole training set (decoded once) and walks one seeded permutation of all samples
-    # per epoch, the same on every rank; rank r trains on rows r, r + world, ... of each global batch. One worker
-    # therefore sees exactly the batches of the in-process `fit_stage(images, labels)`.
-    images, labels = load_training_arrays(sess.iterator())
     per_worker = max(1, cfg.batch_size_for(stage) // sess.world)  # the global batch stays the stage's batch size
     shuffle_seed = cfg.seed * 1009 + 17 * stage
 
@@ -197,18 +196,93 @@ def _train_loop(config: dict[str, Any]) -> None:
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
             if sess.rank == 0:
-                save_train_state(d, getattr(model, "module", model), opt, epoch, history)
-                with open(config["metrics_path"], "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-            sess.report(metrics, d if sess.rank == 0 else None)
-        if config.get("_crash_after_epoch") == epoch and not restore:
+                if sess.ckpt:
+                    save_train_state(d, getattr(model, "module", model), opt, epoch, history)
+                if metrics_path:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+            sess.report(metrics, d if sess.rank == 0 and sess.ckpt else None)
+        if crash_after_epoch == epoch and not restore:
             raise RuntimeError(f"injected failure after epoch {epoch} (test hook)")
 
-    fit_stage(model, batches, tau=tau, epochs=epochs, cfg=cfg, device=sess.device,
-              seed=cfg.seed * 1009 + 17 * stage + sess.rank, start_epoch=start, optimizer=opt, scheduler=sched,
-              on_epoch_end=on_epoch_end, progress=config["progress"] and sess.rank == 0, desc=f"stage {stage}",
-              autocast_dtype=torch.bfloat16 if config["bf16"] else None,
-              steps=len(images) // (per_worker * sess.world))  # fmt: skip
+    fit_stage(model, batches, tau=tau, epochs=epochs, cfg=cfg, device=sess.device, seed=shuffle_seed + sess.rank,
+              start_epoch=start, optimizer=opt, scheduler=sched, on_epoch_end=on_epoch_end,
+              progress=progress and sess.rank == 0, desc=f"stage {stage}",
+              autocast_dtype=torch.bfloat16 if bf16 else None, steps=len(images) // (per_worker * sess.world))  # fmt: skip
+    return getattr(model, "module", model), history
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker (or the in-process executor) of one `fit_purifier` stage."""
+    local = config.get("local")
+    sess = _LocalSession(Path(config["stage_dir"], "local-checkpoint"), "cuda" if config["use_gpu"] else "cpu",
+                         config["dataset"]) if local else _RaySession()  # fmt: skip
+    if sess.device.type == "cpu" and not local:
+        # Ray sets OMP_NUM_THREADS=1 for a worker holding <= 1 logical CPU (fractional on purpose, see RAY-NOTES),
+        # which leaves the other cores idle: split the node's cores among the workers on it instead.
+        torch.set_num_threads(config.get("threads") or max(1, (os.cpu_count() or 1) // sess.local_world))
+    images, labels = load_training_arrays(sess.iterator())  # every worker holds the whole set, decoded once
+    fit_one_stage(images, labels, DVAEConfig.from_dict(config["cfg"]), config["stage"], sess,
+                  progress=config["progress"], bf16=config["bf16"], metrics_path=config["metrics_path"],
+                  crash_after_epoch=config.get("_crash_after_epoch"))  # fmt: skip
+
+
+# ------------------------------------------------------------------------- the in-process executor
+def fit_two_stage(images: np.ndarray, labels: np.ndarray, cfg: DVAEConfig, *, keys: Sequence[str] | None = None,
+                  class_names: Sequence[str] | None = None, device: str | torch.device = "cpu", progress: bool = True,
+                  bf16: bool = False, checkpoint_dir: str | os.PathLike | None = None) -> Purifier:  # fmt: skip
+    """Fit both stages on in-memory data, in this process: `fit_purifier`'s loop (`fit_one_stage`) and seeding,
+    with stage 2 trained on the stage-1 purification of the images (noise seeded by each sample's key, as
+    `purify_shards` does). Given the key-sorted arrays of a set of shards and their keys, the result has the
+    bytes of `fit_purifier(shards, num_workers=0)` with the same config.
+
+    keys: one per image (default: the zero-padded index). bf16: bfloat16 autocast (a GPU, or a CPU with AMX /
+    AVX512-BF16). checkpoint_dir: save each stage's state there after every epoch and, when called again with
+    the same config and data, resume from the last saved epoch; the result has the bytes of an uninterrupted fit."""
+    from .stage import sample_ids_for_keys
+
+    images, labels = validate_batch(images, labels, num_classes=cfg.num_classes, image_size=cfg.image_size)
+    if len(images) < max(cfg.batch_size_for(1), cfg.batch_size_for(2)):
+        raise ValueError(f"{len(images)} images is fewer than one batch ({cfg.batch_size_for(1)} / "
+                         f"{cfg.batch_size_for(2)}); lower batch_size")  # fmt: skip
+    if keys is not None and len(keys) != len(images):
+        raise ValueError(f"{len(keys)} keys for {len(images)} images")
+    fp = data_fingerprint(images, labels)
+    ckpt = None if checkpoint_dir is None else _fit_checkpoint_dir(Path(checkpoint_dir), cfg, fp)
+    kw = dict(progress=progress, bf16=bf16)
+    stage1, h1 = fit_one_stage(images, labels, cfg, 1, _LocalSession(ckpt and ckpt / "stage1", device), **kw)
+    half = Purifier(stage1, _placeholder(cfg), device=device)
+    ids = sample_ids_for_keys(keys if keys is not None else [f"{i:08d}" for i in range(len(images))])
+    x1 = half.purify(images, labels, mode=cfg.stage1_mode, seed=cfg.seed, sample_ids=ids, stages=1,
+                     batch_size=STAGE1_BATCH, progress=progress)  # fmt: skip
+    stage2, h2 = fit_one_stage(x1, labels, cfg, 2, _LocalSession(ckpt and ckpt / "stage2", device), **kw)
+    return Purifier(stage1, stage2, class_names=class_names, metrics={"stage1": h1, "stage2": h2},
+                    data_fingerprint=fp, device=device)  # fmt: skip
+
+
+STAGE1_BATCH = 256  # images per forward pass of the stage-1 purification, as PurifyConfig.model_batch_size
+
+
+def _placeholder(cfg: DVAEConfig) -> DVAE:
+    """A deterministic stand-in stage 2 for the stage-1-only checkpoint (keeps its fingerprint stable)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        return DVAE(cfg)
+
+
+def _fit_checkpoint_dir(d: Path, cfg: DVAEConfig, fingerprint: str) -> Path:
+    """`d`, created with a fit.json naming the config and data; an existing one must name the same."""
+    want = {"config": cfg.to_dict(), "data_fingerprint": fingerprint}
+    f = d / "fit.json"
+    if f.exists():
+        have = json.loads(f.read_text())
+        if have != want:
+            what = "data" if have.get("config") == want["config"] else "config"
+            raise ValueError(f"checkpoint_dir {d} holds a fit with another {what}; pass a new directory to start over")
+    else:
+        d.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(want, indent=1))
+    return d
 
 
 # ---------------------------------------------------------------------------------------- the job
@@ -338,10 +412,7 @@ def fit_purifier(
     from .purify import purify_shards
 
     s1_ckpt = str(run_dir / "stage1-checkpoint")
-    with torch.random.fork_rng():  # a deterministic placeholder stage 2 keeps the fingerprint stable on re-runs
-        torch.manual_seed(cfg.seed)
-        placeholder = DVAE(cfg)
-    Purifier(stage1, placeholder, class_names=names).save(s1_ckpt)
+    Purifier(stage1, _placeholder(cfg), class_names=names).save(s1_ckpt)
     s1_out = str(run_dir / "stage1-shards")
     purify_shards(urls, s1_out, s1_ckpt, prefix="stage1", stages=1, mode=cfg.stage1_mode, seed=cfg.seed,
                   storage_options=so, show_progress=show)  # fmt: skip

@@ -1,4 +1,4 @@
-"""`Purifier`: the two fitted D-VAE stages and the purification they perform; `fit_two_stage` trains them.
+"""`Purifier`: the two fitted D-VAE stages and the purification they perform (`fit.fit_two_stage` trains them).
 
 Stage 1:  x1 = clamp(x - p1(x, y), 0, 1), quantised to uint8 (the stage-2 model is trained on such images).
 Stage 2:  x2' = clamp(x1 - p2(x1, y), 0, 1);  x_final = D2(x2') — three D-VAE forward passes per image.
@@ -7,9 +7,7 @@ Stage 2:  x2' = clamp(x1 - p2(x1, y), 0, 1);  x_final = D2(x2') — three D-VAE 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,8 +18,7 @@ from ._progress import progress as _progress
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import DVAEConfig
 from .models import DVAE
-from .train import (fit_stage, make_optimizer, recover_train_state, replace_dir, resume_stage, save_train_state,
-                    to_float_nchw)
+from .train import to_float_nchw
 
 MODES = ("sample", "mean")
 
@@ -243,68 +240,3 @@ def data_fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
     h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
     h.update(np.asarray(labels, dtype=np.int64).tobytes())
     return h.hexdigest()
-
-
-def fit_two_stage(images: np.ndarray, labels: np.ndarray, cfg: DVAEConfig, *, class_names: Sequence[str] | None = None,
-                  device: str | torch.device = "cpu", progress: bool = True, bf16: bool = False,
-                  checkpoint_dir: str | os.PathLike | None = None) -> Purifier:  # fmt: skip
-    """Fit both stages on in-memory data: stage 1 on the (poisoned) images, stage 2 on stage-1 outputs.
-
-    bf16: bfloat16 autocast (a GPU, or a CPU with AMX / AVX512-BF16).
-    checkpoint_dir: save each stage's state there after every epoch and, when called again with the same
-    config and data, resume from the last saved epoch; the result has the same bytes as an uninterrupted fit."""
-    images, labels = validate_batch(images, labels, num_classes=cfg.num_classes, image_size=cfg.image_size)
-    if len(images) < max(cfg.batch_size_for(1), cfg.batch_size_for(2)):
-        raise ValueError(f"{len(images)} images is fewer than one batch ({cfg.batch_size_for(1)} / "
-                         f"{cfg.batch_size_for(2)}); lower batch_size")  # fmt: skip
-    fp = data_fingerprint(images, labels)
-    ckpt = None if checkpoint_dir is None else _fit_checkpoint_dir(Path(checkpoint_dir), cfg, fp)
-    torch.manual_seed(cfg.seed)
-    stage1, stage2 = DVAE(cfg), DVAE(cfg)
-    amp = torch.bfloat16 if bf16 else None
-    h1 = _fit_resumable(stage1, images, labels, 1, cfg, ckpt, device=device, seed=cfg.seed, progress=progress,
-                        autocast_dtype=amp)  # fmt: skip
-    half = Purifier(stage1, stage2, class_names=class_names, device=device)
-    x1 = half.purify_stage1(images, labels, mode=cfg.stage1_mode, seed=cfg.seed, progress=progress)
-    h2 = _fit_resumable(stage2, x1, labels, 2, cfg, ckpt, device=device, seed=cfg.seed + 1, progress=progress,
-                        autocast_dtype=amp)  # fmt: skip
-    return Purifier(stage1, stage2, class_names=class_names, metrics={"stage1": h1, "stage2": h2},
-                    data_fingerprint=fp, device=device)  # fmt: skip
-
-
-def _fit_checkpoint_dir(d: Path, cfg: DVAEConfig, fingerprint: str) -> Path:
-    """`d`, created with a fit.json naming the config and data; an existing one must name the same."""
-    want = {"config": cfg.to_dict(), "data_fingerprint": fingerprint}
-    f = d / "fit.json"
-    if f.exists():
-        have = json.loads(f.read_text())
-        if have != want:
-            what = "data" if have.get("config") == want["config"] else "config"
-            raise ValueError(f"checkpoint_dir {d} holds a fit with another {what}; pass a new directory to start over")
-    else:
-        d.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps(want, indent=1))
-    return d
-
-
-def _fit_resumable(model: DVAE, images: np.ndarray, labels: np.ndarray, stage: int, cfg: DVAEConfig,
-                   ckpt: Path | None, *, device: str | torch.device, seed: int, progress: bool,
-                   autocast_dtype: torch.dtype | None) -> list[dict[str, float]]:  # fmt: skip
-    """One stage of `fit_two_stage`: `fit_stage`, resumed from and saved to ckpt/stage<N> when ckpt is given."""
-    epochs, tau = cfg.epochs_for(stage), cfg.tau(stage)
-    kw: dict[str, Any] = dict(cfg=cfg, device=device, seed=seed, progress=progress, desc=f"stage {stage}",
-                              autocast_dtype=autocast_dtype, batch_size=cfg.batch_size_for(stage))  # fmt: skip
-    if ckpt is None:
-        return fit_stage(model, images, labels, tau=tau, epochs=epochs, **kw)
-    model.to(device)  # before the optimizer exists, so restored Adam moments land on the model's device
-    opt, sched = make_optimizer(model, cfg, epochs)
-    d = ckpt / f"stage{stage}"
-    start, history, tau = resume_stage(recover_train_state(d), model, opt, sched, tau)
-
-    def save(epoch: int, metrics: dict[str, float]) -> None:
-        history.append(metrics)
-        replace_dir(d, lambda t: save_train_state(str(t), model, opt, epoch, history))
-
-    fit_stage(model, images, labels, tau=tau, epochs=epochs, start_epoch=start, optimizer=opt, scheduler=sched,
-              on_epoch_end=save, **kw)  # fmt: skip
-    return history

@@ -16,6 +16,7 @@ how Ray batches, orders or retries rows, and equals ``Purifier.purify`` with the
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping
 
@@ -26,6 +27,7 @@ from .shards import IMAGE_EXTS, ShardError, decode_image, encode_png, find_image
 __all__ = ["PurifyBatch", "PurifyConfig", "PurifyStage", "sample_ids_for_keys"]
 
 OnError = Literal["raise", "skip"]
+_log = logging.getLogger(__name__)
 _RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 
 
@@ -194,7 +196,9 @@ class PurifyBatch:
                 lab = self._label(batch[cfg.label_column][i] if cfg.label_column in batch else None, shard, key)
             except ShardError as e:
                 if cfg.on_error == "raise":
-                    raise
+                    from ._ray_errors import row_error
+
+                    raise row_error(e) from None
                 errors[i] = str(e)
                 continue
             images.append(img)
@@ -211,6 +215,11 @@ class PurifyBatch:
                     batch[c] = v
                 else:  # an all-None column would come back from Arrow as floats
                     del batch[c]
+        if qcol is None and len(good) < n:  # skip without a quarantine column: say what is dropped
+            for i in range(n):
+                if errors[i]:
+                    _log.warning("PurifyStage drops a bad row (on_error='skip'; quarantine_column=... keeps it): %s",
+                                 errors[i])  # fmt: skip
         purified = self._purify(images, labels, [keys[i] for i in good] if keys is not None else None)
         return self._assemble(batch, col or "", n, good, purified, errors)
 
@@ -356,10 +365,16 @@ class PurifyStage:
         return kw
 
     def __call__(self, ds: Any) -> Any:
+        """`ds` with this stage appended. With ``on_error="raise"`` the returned dataset's context has
+        ``raise_original_map_exception`` set, so a bad row reaches the driver as a ``ShardError`` naming its
+        shard and key (Ray Data would otherwise wrap it in a ``UserCodeException``)."""
         import ray
 
         cpus = ray.cluster_resources().get("CPU") if ray.is_initialized() else None
-        return ds.map_batches(self.udf_class, **self.map_batches_kwargs(cpus))
+        out = ds.map_batches(self.udf_class, **self.map_batches_kwargs(cpus))
+        if self.config.on_error == "raise":
+            out.context.raise_original_map_exception = True
+        return out
 
     def __repr__(self) -> str:
         opts = {k: v for k, v in asdict(self.config).items() if v not in (None, {}, "")}

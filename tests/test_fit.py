@@ -136,3 +136,27 @@ def test_every_path_sees_one_seeded_permutation_of_all_samples_per_epoch(rng):
             both = torch.cat([two[0][b][0], two[1][b][0]])  # the two ranks split each global batch, no overlap
             assert sorted(map(bytes, both.numpy())) == sorted(map(bytes, rx.numpy()))
     assert not torch.equal(ref[0][0], list(array_batches(x, y, 8, seed=5, epoch=1))[0][0])  # a new order each epoch
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_in_process_and_ray_train_fits_are_one_fit(small_shards, tmp_path, ray_session):
+    """fit_two_stage on the shards' key-sorted arrays, fit_purifier in this process and on one Ray Train worker:
+    the same seeding, data order and stage-2 inputs, so the same weights."""
+    from purify_pipeline.fit import fit_two_stage
+
+    cfg = _cfg(epochs=2, epochs_stage2=1)
+    arr = shards.load_arrays(small_shards, show_progress=False)
+    order = np.argsort(np.asarray(arr.keys, dtype=str), kind="stable")
+    keys = [arr.keys[i] for i in order]
+    mem = fit_two_stage(arr.images[order], arr.labels[order], cfg, keys=keys, progress=False)
+    for workers in (0, 1):
+        out = fit_purifier(small_shards, preset=cfg, output=str(tmp_path / f"ckpt{workers}"), num_workers=workers,
+                           storage_path=str(tmp_path / "runs"), run_name=f"w{workers}", progress=False)  # fmt: skip
+        got = Purifier.load(out)
+        assert _same_weights(got.stage1, mem.stage1), workers
+        assert _same_weights(got.stage2, mem.stage2), workers
+        assert [h["loss"] for h in got.metrics["stage2"]] == [h["loss"] for h in mem.metrics["stage2"]]

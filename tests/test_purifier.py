@@ -214,17 +214,20 @@ def test_fit_two_stage_trains_stage2_on_stage1_outputs(monkeypatch):
     r = np.random.default_rng(0)
     x, y = r.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), r.integers(0, 2, 64)
     cfg = DVAEConfig.preset("tiny", num_classes=2, batch_size=32)
-    import purify_pipeline.purifier as P
+    import purify_pipeline.fit as F
+    from purify_pipeline.stage import sample_ids_for_keys
 
     calls = []
-    real = P.fit_stage
-    monkeypatch.setattr(P, "fit_stage", lambda m, imgs, labs, **kw: calls.append((imgs.copy(), kw["tau"])) or real(m, imgs, labs, **kw))
+    real = F.fit_one_stage
+    monkeypatch.setattr(F, "fit_one_stage", lambda imgs, labs, c, stage, sess, **kw: calls.append((imgs.copy(), stage))
+                        or real(imgs, labs, c, stage, sess, **kw))  # fmt: skip
     pur = fit_two_stage(x, y, cfg, progress=False)
-    assert [c[1] for c in calls] == [cfg.tau1, cfg.tau2]
+    assert [c[1] for c in calls] == [1, 2]
+    assert [h["tau"] for h in pur.metrics["stage1"] + pur.metrics["stage2"]] == [cfg.tau1] * cfg.epochs + [cfg.tau2] * cfg.epochs_for(2)
     assert np.array_equal(calls[0][0], x)
     assert not np.array_equal(calls[1][0], x)
-    half = Purifier(pur.stage1, pur.stage2)
-    want = half.purify_stage1(x, y, mode=cfg.stage1_mode, seed=cfg.seed)
+    half = Purifier(pur.stage1, pur.stage2)  # stage-1 noise seeded by each sample's key, as purify_shards does
+    want = half.purify_stage1(x, y, mode=cfg.stage1_mode, seed=cfg.seed, sample_ids=sample_ids_for_keys([f"{i:08d}" for i in range(64)]))
     assert np.array_equal(calls[1][0], want)
     assert set(pur.metrics) == {"stage1", "stage2"} and pur.data_fingerprint
 
@@ -316,35 +319,36 @@ def test_classifier_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch) -> None
 
 
 def test_fit_two_stage_resumes_from_checkpoint_dir_with_the_same_bytes(tmp_path, monkeypatch):
-    import purify_pipeline.purifier as P
+    import purify_pipeline.fit as F
 
     r = np.random.default_rng(0)
     x, y = r.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), r.integers(0, 2, 64)
     cfg = DVAEConfig.preset("tiny", num_classes=2, batch_size=32, epochs=3, epochs_stage2=2)
     want = fit_two_stage(x, y, cfg, progress=False)
-    real_save = P.save_train_state
+    real_report = F._LocalSession.report
 
     class Killed(Exception):
         pass
 
+    def killed_after(stage: int, epoch: int):
+        def report(self, metrics, ckpt_dir):  # killed right after the epoch's checkpoint is in place
+            real_report(self, metrics, ckpt_dir)
+            if metrics.get("stage") == stage and metrics.get("epoch") == epoch:
+                raise Killed
+        return report
+
     for stage, epoch in ((1, 0), (1, 2), (2, 0)):  # mid stage 1, stage 1 finished, mid stage 2
         d = tmp_path / f"s{stage}e{epoch}"
-
-        def crash(path, model, opt, e, history, stage=stage, epoch=epoch):
-            real_save(path, model, opt, e, history)
-            if path.endswith(f"stage{stage}.tmp") and e == epoch:
-                raise Killed
-
-        monkeypatch.setattr(P, "save_train_state", crash)
+        monkeypatch.setattr(F._LocalSession, "report", killed_after(stage, epoch))
         with pytest.raises(Killed):
             fit_two_stage(x, y, cfg, progress=False, checkpoint_dir=d)
-        monkeypatch.setattr(P, "save_train_state", real_save)
-        assert (d / f"stage{stage}.tmp" / "state.json").exists()  # killed before the rename: tmp is picked up
+        monkeypatch.setattr(F._LocalSession, "report", real_report)
+        assert (d / f"stage{stage}" / "state.json").exists()
         calls = []
-        real_fit = P.fit_stage
-        monkeypatch.setattr(P, "fit_stage", lambda *a, **kw: calls.append(kw["start_epoch"]) or real_fit(*a, **kw))
+        real_fit = F.fit_stage
+        monkeypatch.setattr(F, "fit_stage", lambda *a, **kw: calls.append(kw["start_epoch"]) or real_fit(*a, **kw))
         got = fit_two_stage(x, y, cfg, progress=False, checkpoint_dir=d)
-        monkeypatch.setattr(P, "fit_stage", real_fit)
+        monkeypatch.setattr(F, "fit_stage", real_fit)
         assert calls[stage - 1] == epoch + 1  # resumed after the saved epoch, not from scratch
         assert got.fingerprint == want.fingerprint, (stage, epoch)
         assert [len(got.metrics[s]) for s in ("stage1", "stage2")] == [3, 2]
@@ -360,16 +364,10 @@ def test_fit_two_stage_resumes_from_checkpoint_dir_with_the_same_bytes(tmp_path,
     want_auto = fit_two_stage(x, y, auto, progress=False)
     assert want_auto.metrics["stage1"][1]["tau"] != auto.tau(1)  # the warm-up did change tau
     d = tmp_path / "auto"
-
-    def crash_auto(path, model, opt, e, history):
-        real_save(path, model, opt, e, history)
-        if path.endswith("stage1.tmp") and e == 1:
-            raise Killed
-
-    monkeypatch.setattr(P, "save_train_state", crash_auto)
+    monkeypatch.setattr(F._LocalSession, "report", killed_after(1, 1))
     with pytest.raises(Killed):
         fit_two_stage(x, y, auto, progress=False, checkpoint_dir=d)
-    monkeypatch.setattr(P, "save_train_state", real_save)
+    monkeypatch.setattr(F._LocalSession, "report", real_report)
     assert fit_two_stage(x, y, auto, progress=False, checkpoint_dir=d).fingerprint == want_auto.fingerprint
 
 
@@ -384,7 +382,7 @@ def test_epoch_checkpoints_survive_a_kill_at_every_step_of_the_swap(tmp_path, mo
     opt, _ = make_optimizer(model, cfg, epochs=5)
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
-    sess = _LocalSession({"dataset": None, "stage_dir": str(tmp_path), "use_gpu": False})
+    sess = _LocalSession(tmp_path / "local-checkpoint")
     ckpt, tmp = tmp_path / "local-checkpoint", tmp_path / "local-checkpoint.tmp"
 
     def report(epoch: int) -> None:
