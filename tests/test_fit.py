@@ -71,6 +71,9 @@ def test_two_worker_fit_gives_a_checkpoint_purify_shards_uses(small_shards, tmp_
     l1 = Purifier.load(out1).metrics["stage1"][-1]["loss"]
     l2 = pur.metrics["stage1"][-1]["loss"]
     assert abs(l1 - l2) / l1 < 0.25, (l1, l2)
+    # one fit, two executors: one Ray Train worker gives the weights of the in-process fit_two_stage
+    one, mem = Purifier.load(out1), _in_process(small_shards, _cfg())
+    assert _same_weights(one.stage1, mem.stage1) and _same_weights(one.stage2, mem.stage2)
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(small_shards, tmp_path, ray_session):
@@ -96,6 +99,9 @@ def test_single_process_mode_and_label_errors(small_shards, tmp_path, ray_sessio
                        storage_path=str(tmp_path / "runs"), progress=False)  # fmt: skip
     metrics = Purifier.load(out).metrics
     assert metrics["stage2"][0]["world_size"] == 1
+    mem = _in_process(small_shards, _cfg(batch_size_stage2=100))  # the same loop and seeds: the same weights
+    assert _same_weights(Purifier.load(out).stage1, mem.stage1) and _same_weights(Purifier.load(out).stage2, mem.stage2)
+    assert [h["loss"] for h in metrics["stage2"]] == [h["loss"] for h in mem.metrics["stage2"]]
     # 384 samples: stage 1 in 6 full batches of 64, stage 2 in 3 full batches of 100 (the last 84 dropped)
     assert [metrics["stage1"][0]["samples"], metrics["stage2"][0]["samples"]] == [384, 300]
     with pytest.raises(Exception, match=r"key 'train_\d+'.*label \d is outside the model's classes \[0, 3\)"):
@@ -143,20 +149,10 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_in_process_and_ray_train_fits_are_one_fit(small_shards, tmp_path, ray_session):
-    """fit_two_stage on the shards' key-sorted arrays, fit_purifier in this process and on one Ray Train worker:
-    the same seeding, data order and stage-2 inputs, so the same weights."""
+def _in_process(small_shards: str, cfg: DVAEConfig) -> Purifier:
+    """fit_two_stage on the shards' key-sorted arrays and keys: what fit_purifier must reproduce."""
     from purify_pipeline.fit import fit_two_stage
 
-    cfg = _cfg(epochs=2, epochs_stage2=1)
     arr = shards.load_arrays(small_shards, show_progress=False)
     order = np.argsort(np.asarray(arr.keys, dtype=str), kind="stable")
-    keys = [arr.keys[i] for i in order]
-    mem = fit_two_stage(arr.images[order], arr.labels[order], cfg, keys=keys, progress=False)
-    for workers in (0, 1):
-        out = fit_purifier(small_shards, preset=cfg, output=str(tmp_path / f"ckpt{workers}"), num_workers=workers,
-                           storage_path=str(tmp_path / "runs"), run_name=f"w{workers}", progress=False)  # fmt: skip
-        got = Purifier.load(out)
-        assert _same_weights(got.stage1, mem.stage1), workers
-        assert _same_weights(got.stage2, mem.stage2), workers
-        assert [h["loss"] for h in got.metrics["stage2"]] == [h["loss"] for h in mem.metrics["stage2"]]
+    return fit_two_stage(arr.images[order], arr.labels[order], cfg, keys=[arr.keys[i] for i in order], progress=False)
