@@ -169,8 +169,11 @@ def cmd_poison(a: argparse.Namespace) -> int:
     init_ray(a.address)
     # poison_shards carries the input manifest's class names over: fit and purify read them from manifest.json
     man = poison_shards(urls, a.output, a.poison, seed=a.seed, num_classes=a.num_classes,
-                        prefix=a.prefix, num_actors=a.actors, image_column=a.image_column, **budget)  # fmt: skip
-    print(f"poisoned {man['counts']['samples']} images with {a.poison} -> {a.output} ({len(urls)} shards)")
+                        prefix=a.prefix, num_actors=a.actors, image_column=a.image_column, on_error=a.on_error,
+                        **budget)  # fmt: skip
+    q = man["counts"]["quarantined"]
+    print(f"poisoned {man['counts']['samples']} images with {a.poison} -> {a.output} ({len(urls)} shards"
+          + (f"; {q} quarantined in {a.output}/quarantine)" if q else ")"))  # fmt: skip
     return 0
 
 
@@ -363,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", help="output shard prefix (default: the inputs' own, e.g. train)")
     p.add_argument("--actors", type=int, default=2, help="Ray Data actors applying the poison")
     p.add_argument("--image-column", help="image member extension (default: per sample, jpg/jpeg/png/webp/npy)")
+    p.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                   help="skip: quarantine bad samples (kept in OUTPUT/quarantine/, listed in manifest.json)")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUTPUT (same-named shards are replaced)")
     _ray_args(p)
     p.set_defaults(func=cmd_poison)

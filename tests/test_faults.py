@@ -275,3 +275,24 @@ def test_cli_preflight_honours_on_error_and_fit_rejects_remote_out(tmp_path, che
     monkeypatch.chdir(tmp_path)
     assert main(["fit", urls[1], "--out", "s3://bucket/ckpt"]) == 1
     assert not os.path.exists(tmp_path / "s3:")
+
+
+def test_poison_job_quarantines_with_skip_and_raises_shard_error(ray_session, tmp_path, faults):
+    names = ["b-noext", "c-bad", "d-truncated", "e-empty"]
+    urls = write_faults(tmp_path / "in", faults, names)
+    for poison in ("random", "ops"):  # ops is fitted on the data: on the usable samples only
+        m = poisons.poison_shards(urls, str(tmp_path / poison), poison, seed=0, num_classes=10, on_error="skip",
+                                  progress=False)  # fmt: skip
+        for entry, name in zip(m["shards"], names):
+            _, (n_in, n_out, n_q), reasons = faults[name]
+            assert (entry["input_count"], entry["output_count"], len(entry["quarantined"])) == (n_in, n_out, n_q), name
+            assert {q["key"] for q in entry["quarantined"]} == set(reasons), name
+            assert len(list(shards.iter_samples(entry["url"]))) == n_out
+            if n_q:
+                with tarfile.open(str(tmp_path / poison / entry["quarantine"])) as tf:
+                    assert sum(n.endswith(".quarantine.json") for n in tf.getnames()) == n_q
+        c = m["counts"]
+        assert c["input"] == c["output"] + c["quarantined"] == sum(faults[n][1][0] for n in names)
+    with pytest.raises(ShardError, match="has no extension") as ei:  # raised in a Ray actor, caught as itself
+        poisons.poison_shards(urls[:1], str(tmp_path / "raise"), "random", seed=0, num_classes=10, progress=False)
+    assert ei.value.key == "README" and ei.value.shard == urls[0]

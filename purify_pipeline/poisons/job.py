@@ -48,41 +48,87 @@ def _default_prefix(urls: Sequence[str]) -> str:
         else "poisoned"
 
 
-def poison_shard(poison: Poison, url: str, out_url: str, cfg: PoisonJobConfig) -> dict[str, Any]:
-    """Read one shard, poison its images, write `out_url`. Returns its manifest entry."""
-    samples = list(shards.iter_samples(url, storage_options=cfg.storage_options))
-    if not samples:
+def _check_sample(rec: dict[str, Any], url: str, cfg: PoisonJobConfig, image_size: tuple[int, int] | None,
+                  num_classes: int | None) -> tuple[str, np.ndarray, int]:  # fmt: skip
+    """(image member, decoded image, label) of one `shards.iter_records` record; ShardError naming shard and key
+    when the sample is unusable (a bad tar group, no or undecodable image, wrong size, missing or bad label)."""
+    key = rec["__key__"]
+    if "__error__" in rec:
+        raise shards.ShardError(rec["__error__"], shard=url, key=None if rec.get("__shard_error__") else key)
+    col = cfg.image_column or shards.find_image_column(rec, shard=url, key=key)
+    if col not in rec:
+        raise shards.ShardError(f"no .{col} member", shard=url, key=key)
+    img = shards.decode_image(rec[col], col, shard=url, key=key)
+    if image_size is not None and tuple(img.shape[:2]) != tuple(image_size):
+        raise shards.ShardError(f"image is {img.shape[0]}x{img.shape[1]}, the poison was fitted for "
+                                f"{image_size[0]}x{image_size[1]}", shard=url, key=key)  # fmt: skip
+    if cfg.label_column not in rec:
+        raise shards.ShardError(f"no .{cfg.label_column} label member", shard=url, key=key)
+    label = shards.parse_label(rec[cfg.label_column], shard=url, key=key)
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise shards.ShardError(f"label {label} outside [0, {num_classes})", shard=url, key=key)
+    return col, img, label
+
+
+def _bad(rec: dict[str, Any], e: shards.ShardError) -> dict[str, Any]:
+    from ..purify import ERROR_COL
+
+    return {"__pos__": rec["__pos__"], "__key__": rec["__key__"], ERROR_COL: str(e)}
+
+
+def load_good_arrays(urls: Sequence[str], cfg: PoisonJobConfig, on_error: str = "raise",
+                     progress: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:  # fmt: skip
+    """(images, labels, keys) of every usable sample, for poisons fitted on the data; with on_error="skip" the
+    samples the writers will quarantine are left out, with "raise" the first one raises."""
+    from .._progress import progress as bar
+
+    images, labels, keys = [], [], []
+    size = None
+    for url in bar(urls, enabled=progress, desc="load shards", unit="shard"):
+        for rec in shards.iter_records(url, storage_options=cfg.storage_options):
+            try:
+                _, img, lab = _check_sample(rec, url, cfg, size, None)
+            except shards.ShardError:
+                if on_error == "raise":
+                    raise
+                continue
+            size = size or img.shape[:2]
+            images.append(img)
+            labels.append(lab)
+            keys.append(rec["__key__"])
+    if not images:
+        raise shards.ShardError(f"no usable sample in {len(urls)} shard(s)")
+    return np.stack(images), np.asarray(labels, dtype=np.int64), keys
+
+
+def poison_shard(poison: Poison, url: str, out_url: str, cfg: PoisonJobConfig, on_error: str = "raise") -> dict[str, Any]:
+    """Read one shard, poison its images, write `out_url`. Returns its manifest entry. Every sample group of the
+    tar is counted: with on_error="skip" a bad one is quarantined (listed in the entry, its original members
+    kept in ``quarantine/<name>``), so input count = output count + quarantined; "raise" stops at the first."""
+    recs = list(shards.iter_records(url, storage_options=cfg.storage_options))
+    if not recs:
         raise shards.ShardError("shard holds no samples", shard=url)
-    cols, images, labels = [], [], []
-    for s in samples:
-        key = s["__key__"]
-        col = cfg.image_column or shards.find_image_column(s, shard=url, key=key)
-        if col not in s:
-            raise shards.ShardError(f"no .{col} member", shard=url, key=key)
-        img = shards.decode_image(s[col], col, shard=url, key=key)
-        if tuple(img.shape[:2]) != poison.image_size:
-            raise shards.ShardError(
-                f"image is {img.shape[0]}x{img.shape[1]}, the poison was fitted for "
-                f"{poison.image_size[0]}x{poison.image_size[1]}", shard=url, key=key)
-        if cfg.label_column not in s:
-            raise shards.ShardError(f"no .{cfg.label_column} label member", shard=url, key=key)
-        label = shards.parse_label(s[cfg.label_column], shard=url, key=key)
-        if not 0 <= label < poison.num_classes:
-            raise shards.ShardError(f"label {label} outside [0, {poison.num_classes})", shard=url, key=key)
-        cols.append(col)
-        images.append(img)
-        labels.append(label)
-    keys = [s["__key__"] for s in samples]
-    try:
-        poisoned = poison.apply(np.stack(images), np.asarray(labels), sample_ids=keys)
-    except ValueError as e:
-        raise shards.ShardError(str(e), shard=url) from e
+    good, bad = [], []
+    for rec in recs:
+        try:
+            good.append((rec, *_check_sample(rec, url, cfg, poison.image_size, poison.num_classes)))
+        except shards.ShardError as e:
+            if on_error == "raise":
+                raise
+            bad.append(_bad(rec, e))
+    keys = [r["__key__"] for r, *_ in good]
+    poisoned: Any = []
+    if good:
+        try:
+            poisoned = poison.apply(np.stack([g[2] for g in good]), np.asarray([g[3] for g in good]), sample_ids=keys)
+        except ValueError as e:
+            raise shards.ShardError(str(e), shard=url) from e
 
     def out_samples():
-        for s, col, img in zip(samples, cols, poisoned):
-            out: dict[str, Any] = {}
-            for k, v in s.items():
-                if k == "__url__":
+        for (rec, col, _, _), img in zip(good, poisoned):
+            out: dict[str, Any] = {"__key__": rec["__key__"]}
+            for k, v in rec.items():
+                if k.startswith("__"):
                     continue
                 if k == col:
                     out["png"] = shards.encode_png(img)
@@ -91,29 +137,40 @@ def poison_shard(poison: Poison, url: str, out_url: str, cfg: PoisonJobConfig) -
             yield out
 
     info = shards.write_shard(out_url, out_samples(), storage_options=cfg.storage_options)
-    if info.count != len(samples):  # every sample read is written (a bad one raised above)
-        raise RuntimeError(f"{url}: {len(samples)} samples read but {info.count} written")
-    counts = np.bincount(np.asarray(labels), minlength=poison.num_classes)
-    return {"input": url, "url": out_url, "name": os.path.basename(out_url), "count": info.count,
-            "input_count": len(samples), "output_count": info.count, "quarantined": [],
-            "sha256": info.sha256, "class_counts": counts.tolist()}
+    if info.count + len(bad) != len(recs):  # never report a shard that lost samples
+        raise RuntimeError(f"{url}: {len(recs)} samples read but {info.count} written + {len(bad)} quarantined")
+    counts = np.bincount(np.asarray([g[3] for g in good], dtype=np.int64), minlength=poison.num_classes)
+    from ..purify import ERROR_COL, write_quarantine
+
+    entry = {"input": url, "url": out_url, "name": os.path.basename(out_url), "count": info.count,
+             "input_count": len(recs), "output_count": info.count,
+             "quarantined": [{"key": b["__key__"], "error": b[ERROR_COL]} for b in bad],
+             "sha256": info.sha256, "class_counts": counts.tolist()}  # fmt: skip
+    if bad:
+        entry.update(write_quarantine(url, cfg.output, entry["name"], bad, dict(cfg.storage_options or {})))
+    return entry
 
 
 class PoisonShardWriter:
     """Ray Data callable class: holds the fitted poison, turns a batch of (index, url) rows into shards."""
 
-    def __init__(self, poison_ref: list, config: PoisonJobConfig) -> None:
+    def __init__(self, poison_ref: list, config: PoisonJobConfig, on_error: str = "raise") -> None:
         import ray
 
         # the ObjectRef travels wrapped in a list so that it arrives unresolved; fetch it once per actor
         self.poison: Poison = ray.get(poison_ref[0])
-        self.config = config
+        self.config, self.on_error = config, on_error
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = []
         for i, url in zip(batch["index"], batch["url"]):
             out_url = shards.join(self.config.output, shards.shard_name(self.config.prefix, int(i)))
-            entry = poison_shard(self.poison, str(url), out_url, self.config)
+            try:
+                entry = poison_shard(self.poison, str(url), out_url, self.config, self.on_error)
+            except shards.ShardError as e:
+                from .._ray_errors import row_error
+
+                raise row_error(e) from None
             rows.append({"index": int(i), "entry": json.dumps(entry)})
         return {"index": np.array([r["index"] for r in rows]), "entry": np.array([r["entry"] for r in rows])}
 
@@ -128,14 +185,18 @@ def _classes_from_inputs(urls: Sequence[str], storage_options: Mapping[str, Any]
     return None, int(m["num_classes"]) if isinstance(m.get("num_classes"), int) else None
 
 
-def _first_image_size(url: str, cfg: PoisonJobConfig) -> tuple[int, int]:
-    for s in shards.iter_samples(url, storage_options=cfg.storage_options):
-        col = cfg.image_column or shards.find_image_column(s, shard=url, key=s["__key__"])
-        if col not in s:
-            raise shards.ShardError(f"no .{col} member", shard=url, key=s["__key__"])
-        img = shards.decode_image(s[col], col, shard=url, key=s["__key__"])
-        return img.shape[0], img.shape[1]
-    raise shards.ShardError("shard holds no samples", shard=url)
+def _first_image_size(urls: Sequence[str], cfg: PoisonJobConfig, on_error: str) -> tuple[int, int]:
+    """Size of the first usable image (with on_error="raise" the first sample must be usable)."""
+    for url in urls:
+        for rec in shards.iter_records(url, storage_options=cfg.storage_options):
+            try:
+                return tuple(_check_sample(rec, url, cfg, None, None)[1].shape[:2])  # type: ignore[return-value]
+            except shards.ShardError:
+                if on_error == "raise":
+                    raise
+        if on_error == "raise":
+            raise shards.ShardError("shard holds no samples", shard=url)
+    raise shards.ShardError(f"no usable sample in {len(urls)} shard(s)")
 
 
 def _check_output(output: str, urls: Sequence[str], storage_options: Mapping[str, Any] | None) -> None:
@@ -161,17 +222,23 @@ def poison_shards(
     num_actors: int = 2,
     actor_cpus: float = 1.0,
     storage_options: Mapping[str, Any] | None = None,
+    on_error: str = "raise",
     progress: bool = True,
     **budget: Any,
 ) -> dict[str, Any]:
     """Poison WebDataset shards with `name` (see `poisons.POISONS`) and write them under `output`.
 
+    on_error: "raise" stops at the first bad sample with a ShardError naming shard and key; "skip" quarantines
+    bad samples as `purify_shards` does (listed in the manifest, original members in ``quarantine/``), and
+    poisons fitted on the data are fitted on the usable samples only.
     `classes` (names, written to the output manifest) and `num_classes` default to the input manifest's class
     list (else, for poisons fitted on the data, max label + 1 classes named by their index). Needs a running Ray (or starts a local one). Returns the manifest it writes.
     """
     import ray
     import ray.data
 
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     poison_cls = get_poison(name)
     seed = check_seed(seed)
     urls = shards.expand(inputs, storage_options=storage_options)
@@ -191,17 +258,16 @@ def poison_shards(
 
     # stage 1: fit once in the driver
     if poison_cls.needs_data:
-        arr = shards.load_arrays(urls, image_column=image_column, label_column=label_column,
-                                 storage_options=storage_options, show_progress=progress)
+        images, labels, keys = load_good_arrays(urls, cfg, on_error, progress=progress)
         if num_classes is None:
-            num_classes = int(arr.labels.max()) + 1
-        poison = fit_poison(name, arr.images, arr.labels, num_classes=num_classes, seed=seed,
-                            sample_ids=arr.keys, progress=progress, **budget)
-        del arr
+            num_classes = int(labels.max()) + 1
+        poison = fit_poison(name, images, labels, num_classes=num_classes, seed=seed, sample_ids=keys,
+                            progress=progress, **budget)  # fmt: skip
+        del images, labels, keys
     else:
         if num_classes is None:
             raise ValueError(f"num_classes is needed for {name!r}: no input manifest.json with `classes` was found")
-        poison = fit_poison(name, num_classes=num_classes, seed=seed, image_size=_first_image_size(urls[0], cfg),
+        poison = fit_poison(name, num_classes=num_classes, seed=seed, image_size=_first_image_size(urls, cfg, on_error),
                             progress=progress, **budget)
 
     # stage 2: Ray Data, one row per shard, applied on an actor pool
@@ -211,11 +277,12 @@ def poison_shards(
     ds = ray.data.from_items([{"index": i, "url": u} for i, u in enumerate(urls)], override_num_blocks=len(urls))
     ds = ds.map_batches(
         PoisonShardWriter,
-        fn_constructor_kwargs={"poison_ref": [ref], "config": cfg},
+        fn_constructor_kwargs={"poison_ref": [ref], "config": cfg, "on_error": on_error},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=max(1, min(num_actors, len(urls)))),
         num_cpus=actor_cpus,
     )
+    ds.context.raise_original_map_exception = True  # a bad sample reaches the caller as its ShardError
     rows = sorted(ds.take_all(), key=lambda r: int(r["index"]))
     entries = [json.loads(str(r["entry"])) for r in rows]
     per_class = np.sum([e.pop("class_counts") for e in entries], axis=0).tolist()
@@ -230,7 +297,8 @@ def poison_shards(
         "inputs": urls,
         "counts": {"samples": int(sum(e["count"] for e in entries)), "shards": len(entries),
                    "per_class": per_class, "input": int(sum(e["input_count"] for e in entries)),
-                   "output": int(sum(e["output_count"] for e in entries)), "quarantined": 0},
+                   "output": int(sum(e["output_count"] for e in entries)),
+                   "quarantined": int(sum(len(e["quarantined"]) for e in entries))},
         "shards": entries,
     }
     fit_stats = {k: getattr(poison, k) for k in ("history", "converged", "surrogate_accuracy", "target_rate")
