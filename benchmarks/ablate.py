@@ -79,7 +79,7 @@ OUTPUTS = ("x1", "x2p", "xhat2_mean", "final")
 
 
 def _arrays(data: Path, cache: Path, poison: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    clean = shards.load_arrays(str(data / TIERS["cpu-mini"]["train"]), show_progress=False)
+    clean = shards.load_arrays(str(data / TIERS["cpu-mini"]["train"]), progress=False)
     poisoned, delta = _poisoned(cache, poison, clean)
     return clean.images[:n], clean.labels[:n], poisoned[:n], delta[:n]
 
@@ -100,7 +100,7 @@ def _classify(cache: Path, key: str, images: np.ndarray, labels: np.ndarray, tes
         return json.loads(f.read_text())
     t0 = time.perf_counter()
     res = train_classifier(images, labels, test.images, test.labels, ClassifierConfig.preset("fast"), seed=seed,
-                           progress_bar=False)  # fmt: skip
+                           progress=False)  # fmt: skip
     cell = {"key": key, "seed": seed, "test_acc": 100.0 * res["test_acc"], "seconds": time.perf_counter() - t0}
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(cell))
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report_only:
         if args.what is None:
             ap.error("choose screen, outputs, baselines, refit2 or checkpoint (or --report-only)")
-        test = shards.load_arrays(str(Path(args.data) / TIERS["cpu-mini"]["test"]), show_progress=False)
+        test = shards.load_arrays(str(Path(args.data) / TIERS["cpu-mini"]["test"]), progress=False)
         for p in args.poisons:
             if args.what == "baselines":
                 baselines(cache, p, args.images, args, test)

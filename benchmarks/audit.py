@@ -45,7 +45,7 @@ POISONS = ["lsp", "ar", "ops", "classwise", "random", "em", "tap"]
 def load(pattern: str) -> shards.ShardArrays:
     f = CACHE / f"clean-{pattern.replace('{', '').replace('}', '').replace('..', '-')}.npz"
     if not f.exists():
-        a = shards.load_arrays(str(DATA / pattern), show_progress=False)
+        a = shards.load_arrays(str(DATA / pattern), progress=False)
         CACHE.mkdir(parents=True, exist_ok=True)
         np.savez(f, images=a.images, labels=a.labels, keys=np.array(a.keys))
     z = np.load(f)
@@ -124,8 +124,8 @@ def main() -> None:
                 matrix_acc_unverified=float(np.mean(accs)) if accs and not same else None)  # fmt: skip
     demo = Path(args.demo)
     if demo.exists():
-        pur = shards.load_arrays(str(demo / "*.tar"), show_progress=False)
-        pois = shards.load_arrays(str(demo.parent / "poisoned" / "*.tar"), show_progress=False)
+        pur = shards.load_arrays(str(demo / "*.tar"), progress=False)
+        pois = shards.load_arrays(str(demo.parent / "poisoned" / "*.tar"), progress=False)
         same_set = pur.keys == pois.keys and np.array_equal(pur.labels, pois.labels)
         same_clean = pois.keys == sub0.keys and np.array_equal(pois.labels, sub0.labels)
         run("demo-lsp+dvae", "poisoned", lambda: pur.images, pur.labels, poison="lsp", defense="dvae-demo",

@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     overrides = dict(kv.split("=", 1) for kv in args.set)
     cfg = ClassifierConfig.preset(args.preset, **{k: _parse_value(v) for k, v in overrides.items()})
-    tr = shards.load_arrays(args.train, show_progress=False)
-    te = shards.load_arrays(args.test, show_progress=False)
+    tr = shards.load_arrays(args.train, progress=False)
+    te = shards.load_arrays(args.test, progress=False)
     print(f"train {tr.images.shape} test {te.images.shape} preset {cfg.preset_name}", flush=True)
 
     out = {
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         load_before = os.getloadavg()
         cpu0, t0 = time.process_time(), time.perf_counter()
         res = train_classifier(tr.images, tr.labels, te.images, te.labels, cfg, seed=seed, device=args.device,
-                               progress_bar=False, on_epoch_end=_print_epoch)
+                               progress=False, on_epoch_end=_print_epoch)
         run = {
             "seed": seed,
             "test_acc": res["test_acc"],

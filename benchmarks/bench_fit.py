@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "fit"))
     args = ap.parse_args()
 
-    data = shards.load_arrays(f"{args.data}/train-000000.tar", show_progress=False)
+    data = shards.load_arrays(f"{args.data}/train-000000.tar", progress=False)
     rows = []
     for name in args.presets:
         cfg = DVAEConfig.preset(name)

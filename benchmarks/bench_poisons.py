@@ -38,7 +38,7 @@ def main() -> None:
 
     n_max = max(args.n, args.n_optimised)
     urls = shards.expand(f"{args.data}/train-{{000000..{(n_max + 999) // 1000 - 1:06d}}}.tar")
-    arr = shards.load_arrays(urls, show_progress=False)
+    arr = shards.load_arrays(urls, progress=False)
     results = []
     for name in args.poisons:
         n = args.n_optimised if name in OPTIMISED else args.n

@@ -131,7 +131,7 @@ def main() -> None:
         t = time.perf_counter()
         summary = purify_shards(urls, str(work / f"ray{r}"), ckpt, mode=args.mode, batch_size=args.batch_size,
                                 actors=actors, num_cpus=actor_cpus, num_gpus=1 if gpu else 0, threads=threads,
-                                show_progress=False)  # fmt: skip
+                                progress=False)  # fmt: skip
         ray_s.append(time.perf_counter() - t)
         assert summary.samples_out == n
         print(f"repeat {r}: plain {n / plain_s[-1]:.1f} img/s, purify_shards {n / ray_s[-1]:.1f} img/s", flush=True)

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     cache = Path(args.cache or REPO / "benchmarks" / "cache" / args.tier)
     root = cache / f"dvae-{args.poison}-{args.preset}"
-    clean_all = shards.load_arrays(str(Path(args.data) / args.train), show_progress=False)
+    clean_all = shards.load_arrays(str(Path(args.data) / args.train), progress=False)
     n = args.images
     clean, labels = clean_all.images[:n], clean_all.labels[:n]
     poisoned = np.load(cache / f"poisoned-{args.poison}.npz")["images"][:n]

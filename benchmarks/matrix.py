@@ -51,7 +51,7 @@ DEFENSES = {"none": ("none", {}), "jpeg10": ("jpeg", {"quality": 10}), "grayscal
 
 
 def _load(data: Path, pattern: str, limit: int | None) -> shards.ShardArrays:
-    a = shards.load_arrays(str(data / pattern), show_progress=False)
+    a = shards.load_arrays(str(data / pattern), progress=False)
     if limit:
         a = shards.ShardArrays(a.images[:limit], a.labels[:limit], a.keys[:limit], a.urls[:limit])
     return a
@@ -105,8 +105,8 @@ def _dvae(cache: Path, name: str, poisoned: np.ndarray, clean: shards.ShardArray
                      use_gpu=args.device.startswith("cuda"), storage_path=str(root / "runs"), run_name="fit", bf16=args.dvae_bf16,
                      progress=not args.quiet)  # fmt: skip
     purify_shards(str(src / "train-*.tar"), str(root / "purified"), str(ckpt), mode="sample", seed=0,
-                  num_gpus=1 if args.device.startswith("cuda") else 0, show_progress=not args.quiet)  # fmt: skip
-    out = shards.load_arrays(str(root / "purified" / "purified-*.tar"), show_progress=False)
+                  num_gpus=1 if args.device.startswith("cuda") else 0, progress=not args.quiet)  # fmt: skip
+    out = shards.load_arrays(str(root / "purified" / "purified-*.tar"), progress=False)
     assert out.keys == clean.keys, "purified shards lost or reordered samples"
     if not (root / "seconds.json").exists():  # first (real) fit + purify only; cached re-runs take seconds
         meta = json.loads((ckpt / "config.json").read_text()).get("metrics", {})
@@ -128,7 +128,7 @@ def run_cell(cache: Path, poison: str, defense: str, seed: int, train_x: np.ndar
         return
     t0 = time.perf_counter()
     res = train_classifier(train_x, clean.labels, test.images, test.labels, clf, seed=seed, device=args.device,
-                           progress_bar=not args.quiet)  # fmt: skip
+                           progress=not args.quiet)  # fmt: skip
     cell = {"poison": poison, "defense": defense, "seed": seed, "test_acc": 100.0 * res["test_acc"],
             "train_seconds": time.perf_counter() - t0, "psnr_vs_clean": psnr(train_x, clean.images) if poison != "clean" else None,
             "retention": retention(train_x, clean.images, delta) if delta is not None else None,

@@ -89,8 +89,8 @@ def prepare(args: argparse.Namespace, work: Path, out: Path) -> None:
     """Clean train/test arrays and the poisoned training set, as .npz files the job processes read."""
     limit = 1024 if args.smoke else args.limit
     t0 = time.perf_counter()
-    train = shards.load_arrays(str(Path(args.data) / "train-*.tar"), show_progress=False)
-    test = shards.load_arrays(str(Path(args.data) / "test-*.tar"), show_progress=False)
+    train = shards.load_arrays(str(Path(args.data) / "train-*.tar"), progress=False)
+    test = shards.load_arrays(str(Path(args.data) / "test-*.tar"), progress=False)
     if limit:
         train = shards.ShardArrays(train.images[:limit], train.labels[:limit], train.keys[:limit], train.urls[:limit])
         test = shards.ShardArrays(test.images[:limit], test.labels[:limit], test.keys[:limit], test.urls[:limit])
@@ -151,7 +151,7 @@ def probe(args: argparse.Namespace, d: dict[str, np.ndarray], out: Path) -> dict
         res[f"purify_torch_b1024_{label}_img_s"] = 10 * len(xt) / (time.perf_counter() - t0)
     ccfg = ClassifierConfig.preset("paper", epochs=2, width=8 if args.smoke else 64)
     r = train_classifier(x, y, d["test"][:1000], d["test_labels"][:1000], ccfg, device=dev, bf16=True,
-                         progress_bar=False)
+                         progress=False)
     res["resnet18_train_bf16_img_s"] = n / r["history"][-1]["epoch_seconds"]
     emit(out, {"kind": "probe", **res})
     return res
@@ -192,7 +192,7 @@ def classify(args: argparse.Namespace, d: dict[str, np.ndarray], x: np.ndarray, 
 
     poison = "clean" if defense == "clean" else args.poison
     r = train_classifier(x, d["labels"], d["test"], d["test_labels"], cfg, seed=args.seed, device=args.device,
-                         bf16=True, progress_bar=False, on_epoch_end=tick)  # fmt: skip
+                         bf16=True, progress=False, on_epoch_end=tick)  # fmt: skip
     delta = (d["poisoned"].astype(np.float64) - d["clean"]) / 255.0
     cell = {"kind": "cell", "tier": "paper", "poison": poison, "defense": "none" if defense == "clean" else defense,
             "seed": args.seed, "test_acc": 100.0 * r["test_acc"], "train_seconds": r["train_seconds"],

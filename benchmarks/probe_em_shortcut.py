@@ -18,7 +18,7 @@ import test_poisons as tp  # noqa: E402
 from purify_pipeline import poisons, shards  # noqa: E402
 
 arr = shards.load_arrays([str(REPO.parent / "shared/data/cifar10" / f"train-{i:06d}.tar") for i in range(2)],
-                         show_progress=False)  # fmt: skip
+                         progress=False)  # fmt: skip
 for kw in [dict(width=8, pgd_steps=5, step_size=3.2 / 255, stop_error=0.01, max_rounds=20),
            dict(width=16, pgd_steps=10, stop_error=0.01, max_rounds=20)]:  # fmt: skip
     t = time.time()

@@ -154,7 +154,7 @@ def child(a: argparse.Namespace) -> None:
             state["killed_actor"] = _kill_one_actor()
 
     s = purify_shards(a.inputs, a.output, a.checkpoint, on_error="skip", actors=a.actors, num_cpus=0.75, threads=1,
-                      batch_size=250, show_progress=False, on_shard_written=on_written)  # fmt: skip
+                      batch_size=250, progress=False, on_shard_written=on_written)  # fmt: skip
     Path(a.output, "run-summary.json").write_text(json.dumps({**vars(s), "killed_actor_pid": state["killed_actor"]}))
 
 

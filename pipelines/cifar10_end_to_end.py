@@ -64,9 +64,9 @@ def main() -> None:
     print("\n| training set | clean test accuracy |\n|---|---|")
     for name, pattern in (("clean", f"{out}/clean/train-*.tar"), ("poisoned", poisoned),
                           ("purified", f"{out}/purified/train-*.tar")):
-        tr = shards.load_arrays(shards.expand(pattern), show_progress=False)
+        tr = shards.load_arrays(shards.expand(pattern), progress=False)
         r = train_classifier(tr.images, tr.labels, test.images[: args.test_images], test.labels[: args.test_images],
-                             ccfg, seed=0, device=device, progress_bar=False)
+                             ccfg, seed=0, device=device, progress=False)
         print(f"| {name} | {100 * r['test_acc']:.1f}% |")
 
 

@@ -217,7 +217,7 @@ def cmd_purify(a: argparse.Namespace) -> int:
     summary = purify_shards(urls, a.output, a.checkpoint, prefix=a.prefix, mode=a.mode, seed=a.seed,
                             on_error=a.on_error, resize=a.resize, batch_size=a.batch_size, actors=a.actors,
                             num_cpus=a.cpus_per_actor, num_gpus=a.gpus_per_actor, threads=a.threads,
-                            overwrite=a.overwrite, show_progress=True, image_column=a.image_column)  # fmt: skip
+                            overwrite=a.overwrite, progress=True, image_column=a.image_column)  # fmt: skip
     print(summary)  # the result on stdout (with progress shown, purify_shards also logs it on stderr)
     return 0
 

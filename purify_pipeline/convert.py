@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from . import shards
-from ._progress import progress
+from ._progress import progress as _bar
 
 __all__ = ["ConvertError", "SafeUnpickler", "SplitSource", "balanced_order", "convert", "detect_format", "read_source"]
 
@@ -493,7 +493,7 @@ def convert(
     seed: int = 0,
     download: str | None = None,
     overwrite: bool = False,
-    show_progress: bool = True,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Convert a dataset to class-balanced WebDataset shards in `output`; return the manifest written.
 
@@ -520,7 +520,7 @@ def convert(
         n_shards = max(1, -(-len(order) // shard_size))
         width = max(5, len(str(len(s.labels) - 1)))
         entries = []
-        bar = progress(total=len(order), enabled=show_progress, desc=f"convert {s.name}", unit="img")
+        bar = _bar(total=len(order), enabled=progress, desc=f"convert {s.name}", unit="img")
         for j in range(n_shards):
             chunk = order[j * shard_size : (j + 1) * shard_size].copy()
             np.random.default_rng([seed, zlib.crc32(s.name.encode()), j]).shuffle(chunk)

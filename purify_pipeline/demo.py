@@ -140,7 +140,7 @@ def estimate_seconds(s: DemoSettings, num_classes: int, images: np.ndarray, labe
 
         def classifier(n: int) -> None:
             x, y = np.resize(images, (n, *images.shape[1:])), np.resize(labels, n)
-            train_classifier(x, y, x[:2], y[:2], probe, seed=s.seed, device=device, progress_bar=False)
+            train_classifier(x, y, x[:2], y[:2], probe, seed=s.seed, device=device, progress=False)
 
         classifier(probe.batch_size)  # warm-up
         runs = 3 + int(s.train_clean)  # poisoned, JPEG-10, purified (+ clean)
@@ -169,7 +169,7 @@ def _has_shards(d: Path) -> bool:
 
 
 def find_data(data: str | os.PathLike | None = None, *, download_root: Path | None = None,
-              show_progress: bool = True) -> Path:  # fmt: skip
+              progress: bool = True) -> Path:  # fmt: skip
     """CIFAR-10 shards: `data`, else $PURIFY_PIPELINE_DATA, else ../shared/data/cifar10 beside the repository,
     else torchvision's CIFAR-10 download converted to shards under `download_root`."""
     if data is not None:
@@ -195,7 +195,7 @@ def find_data(data: str | os.PathLike | None = None, *, download_root: Path | No
     print(f"CIFAR-10 shards not found (--data, $PURIFY_PIPELINE_DATA, {REPO.parent / 'shared/data/cifar10'}); "
           f"downloading with torchvision into {root}", file=sys.stderr)  # fmt: skip
     try:
-        convert(root / "cifar10-download", target, download="cifar10", overwrite=True, show_progress=show_progress)
+        convert(root / "cifar10-download", target, download="cifar10", overwrite=True, progress=progress)
     except ConvertError as e:
         raise DemoError(f"no CIFAR-10 shards found and the download failed: {e}") from None
     return target
@@ -244,17 +244,17 @@ def _write_split(out: Path, prefix: str, samples: list[dict[str, Any]], shard_si
 
 
 def poison_with_classes(inputs: str | Sequence[str], output: str | os.PathLike, poison: str, *, seed: int,
-                        classes: Sequence[str], show_progress: bool = True, **kw: Any) -> dict[str, Any]:  # fmt: skip
+                        classes: Sequence[str], progress: bool = True, **kw: Any) -> dict[str, Any]:  # fmt: skip
     """`poisons.job.poison_shards` with explicit class names (written to the output's manifest.json, which
     `fit_purifier` and the CLI read to size the model and to check checkpoints against the data)."""
     from .poisons.job import poison_shards
 
     return poison_shards(inputs, os.fspath(output), poison, seed=seed, classes=classes,
-                         progress=progress_enabled(show_progress), **kw)  # fmt: skip
+                         progress=progress_enabled(progress), **kw)  # fmt: skip
 
 
 def _arrays(urls: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    a = shards.load_arrays(list(urls), show_progress=False)
+    a = shards.load_arrays(list(urls), progress=False)
     return a.images, a.labels, a.keys
 
 
@@ -442,7 +442,7 @@ def _train(name: str, urls: Sequence[str], test: tuple[np.ndarray, np.ndarray], 
     cfg = ClassifierConfig.preset(s.classifier, num_classes=k, **dict(s.classifier_overrides))
     if show:
         print(f"training the {s.classifier} classifier on {name} images ({len(x)})", file=sys.stderr)
-    r = train_classifier(x, y, test[0], test[1], cfg, seed=s.seed, device=device, progress_bar=show)
+    r = train_classifier(x, y, test[0], test[1], cfg, seed=s.seed, device=device, progress=show)
     row = {"train_set": name, "train_images": int(len(x)), "test_acc": float(r["test_acc"]),
            "test_loss": float(r["test_loss"]), "train_acc": float(r["history"][-1]["train_acc"]),
            "train_seconds": float(r["train_seconds"]), "epochs": cfg.epochs, "classifier": cfg.to_dict()}  # fmt: skip
@@ -453,7 +453,7 @@ def _train(name: str, urls: Sequence[str], test: tuple[np.ndarray, np.ndarray], 
 
 def run_demo(settings: DemoSettings, out: str | os.PathLike = "purify-demo", *, data: str | os.PathLike | None = None,
              address: str | None = None, gpu: bool = False, fit_workers: int | None = None,
-             overwrite: bool = False, resume: bool = False, show_progress: bool = True,
+             overwrite: bool = False, resume: bool = False, progress: bool = True,
              command: str = "purify-pipeline demo") -> dict[str, Any]:  # fmt: skip
     """Run the demo end to end (see the module docstring); returns the results dict also written to
     ``out/results.json``. Ray: connects to `address`, else starts a local Ray sized for this machine."""
@@ -467,9 +467,9 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike = "purify-demo", *, 
     from .purify import purify_shards
 
     s = settings
-    show = progress_enabled(show_progress)
+    show = progress_enabled(progress)
     out = Path(out).expanduser().resolve()
-    data_dir = find_data(data, show_progress=show)
+    data_dir = find_data(data, progress=show)
     _prepare_out(out, s, data_dir, overwrite, resume)
     init_ray(address)
     device = "cuda" if gpu else "cpu"
@@ -513,7 +513,7 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike = "purify-demo", *, 
     if (poisoned_dir / shards.MANIFEST_NAME).exists():
         poisoned_urls = shards.expand(str(poisoned_dir / "train-*.tar"))
     else:
-        poison_with_classes(clean_urls, poisoned_dir, s.poison, seed=s.seed, classes=classes, show_progress=show,
+        poison_with_classes(clean_urls, poisoned_dir, s.poison, seed=s.seed, classes=classes, progress=show,
                             num_actors=1 if gpu else max(1, min(4, os.cpu_count() or 1)), actor_cpus=0.5)  # fmt: skip
         poisoned_urls = shards.expand(str(poisoned_dir / "train-*.tar"))
     seconds["poison"] = time.perf_counter() - t0
@@ -535,7 +535,7 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike = "purify-demo", *, 
     actors = 1 if gpu else max(1, min(4, ncpu))
     summary = purify_shards(poisoned_urls, str(purified_dir), str(ckpt), prefix="train", mode=s.mode, seed=s.seed,
                             actors=actors, num_gpus=1 if gpu else 0, batch_size=128 if not gpu else 1024,
-                            show_progress=show)  # fmt: skip
+                            progress=show)  # fmt: skip
     purified_urls = shards.expand(str(purified_dir / "train-*.tar"))
     seconds["purify"] = time.perf_counter() - t0
 

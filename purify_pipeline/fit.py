@@ -415,7 +415,7 @@ def fit_purifier(
     Purifier(stage1, _placeholder(cfg), class_names=names).save(s1_ckpt)
     s1_out = str(run_dir / "stage1-shards")
     purify_shards(urls, s1_out, s1_ckpt, prefix="stage1", stages=1, mode=cfg.stage1_mode, seed=cfg.seed,
-                  storage_options=so, show_progress=show)  # fmt: skip
+                  storage_options=so, progress=show)  # fmt: skip
     s1_urls = shards.expand(f"{s1_out}/stage1-*.tar")
     ds2 = training_dataset(s1_urls, num_classes=cfg.num_classes, image_size=cfg.image_size)
     stage2, h2 = _run_stage(2, ds2, cfg, run_dir, run_name, **common)

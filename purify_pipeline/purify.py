@@ -45,7 +45,8 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import numpy as np
 
 from . import outdir, shards
-from ._progress import progress, progress_enabled
+from ._progress import progress as _bar
+from ._progress import progress_enabled
 from .shards import ShardError
 from .stage import PurifyStage
 
@@ -333,7 +334,7 @@ def purify_shards(
     overwrite: bool = False,
     verify: bool = True,
     write_threads: int = 4,
-    show_progress: bool = True,
+    progress: bool = True,
     on_shard_written: Callable[[dict[str, Any]], None] | None = None,
     stages: int = 2,
     check_keys: bool = True,
@@ -399,8 +400,8 @@ def purify_shards(
             ray.init()
         ctx = ray.data.DataContext.get_current()
         ray_bars = ctx.enable_progress_bars
-        ctx.enable_progress_bars = ray_bars and progress_enabled(show_progress)
-        bar = progress(total=len(todo), enabled=show_progress, desc="purify shards", unit="shard")
+        ctx.enable_progress_bars = ray_bars and progress_enabled(progress)
+        bar = _bar(total=len(todo), enabled=progress, desc="purify shards", unit="shard")
         try:
             items = [{"index": i, "url": urls[i], "dups": json.dumps({str(p): list(v) for p, v in dups.get(i, {}).items()})}
                      for i in todo]  # fmt: skip
@@ -434,7 +435,7 @@ def purify_shards(
                             shards_resumed=resumed, samples_in=n_in, samples_out=asm.samples_out if asm else 0,
                             quarantined=asm.quarantined if asm else 0, seconds=seconds,
                             images_per_s=n_in / max(seconds, 1e-9), checkpoint_fingerprint=fingerprint)  # fmt: skip
-    if progress_enabled(show_progress):
+    if progress_enabled(progress):
         print(summary, file=sys.stderr)
     return summary
 

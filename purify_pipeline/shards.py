@@ -274,17 +274,17 @@ def load_arrays(
     label_column: str = "cls",
     storage_options: Mapping[str, Any] | None = None,
     filesystem: Any = None,
-    show_progress: bool = True,
+    progress: bool = True,
 ) -> ShardArrays:
     """Decode whole shards into memory, in shard order then tar order. All images must share one size."""
-    from ._progress import progress
+    from ._progress import progress as _bar
 
     shard_urls = expand(urls, storage_options=storage_options, filesystem=filesystem)
     images: list[np.ndarray] = []
     labels: list[int] = []
     keys: list[str] = []
     where: list[str] = []
-    for url in progress(shard_urls, enabled=show_progress, desc="load shards", unit="shard"):
+    for url in _bar(shard_urls, enabled=progress, desc="load shards", unit="shard"):
         for s in iter_samples(url, storage_options=storage_options, filesystem=filesystem):
             key = s["__key__"]
             col = image_column or find_image_column(s, shard=url, key=key)

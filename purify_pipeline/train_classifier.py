@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from purify_pipeline._progress import progress
+from purify_pipeline._progress import progress as _bar
 from purify_pipeline.augment import random_crop_flip, to_float_nchw
 from purify_pipeline.classifiers import ClassifierConfig, build_classifier, num_parameters
 from purify_pipeline.train import warn_if_emulated_bf16
@@ -92,7 +92,7 @@ def train_classifier(
     cfg: ClassifierConfig | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    progress_bar: bool = True,
+    progress: bool = True,
     on_epoch_end: Callable[[int, dict[str, Any], nn.Module], None] | None = None,
     bf16: bool = False,
 ) -> dict[str, Any]:
@@ -139,7 +139,7 @@ def train_classifier(
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = 0
-        for step in progress(range(steps_per_epoch), enabled=progress_bar, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        for step in _bar(range(steps_per_epoch), enabled=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                              leave=False):
             idx = perm[step * bs : (step + 1) * bs]
             x = random_crop_flip(to_float_nchw(x_all[idx]), cfg.crop_padding, cfg.flip, gen)

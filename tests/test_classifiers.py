@@ -111,9 +111,9 @@ def test_bf16_autocast_trains_seeded_and_differs_from_fp32(rng: np.random.Genera
     xtr, ytr = _easy_data(256, rng)
     xte, yte = _easy_data(128, rng)
     cfg = ClassifierConfig.preset("tiny", num_classes=4, epochs=2, batch_size=32)
-    a = train_classifier(xtr, ytr, xte, yte, cfg, seed=0, bf16=True, progress_bar=False)
-    b = train_classifier(xtr, ytr, xte, yte, cfg, seed=0, bf16=True, progress_bar=False)
-    f = train_classifier(xtr, ytr, xte, yte, cfg, seed=0, progress_bar=False)
+    a = train_classifier(xtr, ytr, xte, yte, cfg, seed=0, bf16=True, progress=False)
+    b = train_classifier(xtr, ytr, xte, yte, cfg, seed=0, bf16=True, progress=False)
+    f = train_classifier(xtr, ytr, xte, yte, cfg, seed=0, progress=False)
     assert a["bf16"] and not f["bf16"]
     assert a["test_acc"] > 0.5 and np.isfinite(a["test_loss"])
     pa, pb, pf = (torch.cat([p.flatten() for p in r["model"].parameters()]) for r in (a, b, f))
@@ -126,7 +126,7 @@ def test_training_loop_on_cifar_subset(cifar10_dir: Path) -> None:
     """One epoch of the tiny net on 256 real CIFAR-10 images: runs end to end, loss falls within the epoch."""
     from purify_pipeline import shards
 
-    arr = shards.load_arrays(str(cifar10_dir / "train-000000.tar"), show_progress=False)
+    arr = shards.load_arrays(str(cifar10_dir / "train-000000.tar"), progress=False)
     x, y = arr.images[:256], arr.labels[:256]
     losses: list[float] = []
     cfg = ClassifierConfig.preset("tiny", epochs=3, batch_size=64)

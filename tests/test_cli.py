@@ -261,8 +261,8 @@ def test_subcommand_chain_poison_fit_purify_train(tmp_path, small_data):
     assert p.returncode == 0, p.stderr[-3000:]
     urls = shards.expand(str(tmp_path / "pur" / "purified-*.tar"))
     assert len(urls) == 2
-    got = shards.load_arrays(urls, show_progress=False)
-    src = shards.load_arrays(shards.expand(str(tmp_path / "lsp")), show_progress=False)
+    got = shards.load_arrays(urls, progress=False)
+    src = shards.load_arrays(shards.expand(str(tmp_path / "lsp")), progress=False)
     assert got.keys == src.keys and (got.labels == src.labels).all() and got.images.shape == src.images.shape
     # resume is explicit: a re-run without --resume is refused, with --resume it finds nothing left to do
     assert_one_line_error(run("purify", tmp_path / "lsp", tmp_path / "pur", "--checkpoint", tmp_path / "ckpt"),
@@ -292,8 +292,8 @@ def test_demo_tiny_end_to_end(tmp_path, cifar10_dir):
     res = json.loads((out / "results.json").read_text())
     assert [r["train_set"] for r in res["rows"]] == ["clean", "poisoned (lsp)", "JPEG-10 (baseline)", "purified (D-VAE)"]
     assert all(0.0 <= r["test_acc"] <= 1.0 and r["train_images"] == 400 for r in res["rows"])
-    purified = shards.load_arrays(shards.expand(str(out / "data" / "purified")), show_progress=False)
-    poisoned = shards.load_arrays(shards.expand(str(out / "data" / "poisoned")), show_progress=False)
+    purified = shards.load_arrays(shards.expand(str(out / "data" / "purified")), progress=False)
+    poisoned = shards.load_arrays(shards.expand(str(out / "data" / "poisoned")), progress=False)
     assert purified.keys == poisoned.keys and len(purified.keys) == 400
     assert (purified.images != poisoned.images).any()  # the purifier did something
     man = json.loads((out / "data" / "purified" / "manifest.json").read_text())

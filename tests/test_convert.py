@@ -57,7 +57,7 @@ def _read_split(out, split: str) -> tuple[np.ndarray, np.ndarray, list[str], lis
 
 def test_cifar10_python_roundtrip(tmp_path):
     src = make_cifar10_python(tmp_path / "src")
-    man = convert(tmp_path / "src", tmp_path / "out", shard_size=30, show_progress=False)
+    man = convert(tmp_path / "src", tmp_path / "out", shard_size=30, progress=False)
     assert man["classes"] == CIFAR10_NAMES
     assert man["splits"]["train"]["samples"] == 100 and man["splits"]["test"]["samples"] == 20
     assert [e["file"] for e in man["splits"]["train"]["shards"]] == [f"train-{i:06d}.tar" for i in range(4)]
@@ -80,7 +80,7 @@ def test_shards_are_class_balanced(tmp_path):
     x = rng.integers(0, 256, size=(300, 8, 8, 3), dtype=np.uint8)
     y = np.repeat(np.arange(3), 100)  # sorted by class on input
     np.savez(tmp_path / "d.npz", images=x, labels=y)
-    convert(tmp_path / "d.npz", tmp_path / "out", shard_size=30, show_progress=False)
+    convert(tmp_path / "d.npz", tmp_path / "out", shard_size=30, progress=False)
     _, _, _, per_shard = _read_split(tmp_path / "out", "train")
     assert len(per_shard) == 10
     for ls in per_shard:
@@ -98,9 +98,9 @@ def test_balanced_order_prefixes_are_proportional():
 
 def test_conversion_is_deterministic(tmp_path):
     make_cifar10_python(tmp_path / "src")
-    a = convert(tmp_path / "src", tmp_path / "a", shard_size=25, seed=5, show_progress=False)
-    b = convert(tmp_path / "src", tmp_path / "b", shard_size=25, seed=5, show_progress=False)
-    c = convert(tmp_path / "src", tmp_path / "c", shard_size=25, seed=6, show_progress=False)
+    a = convert(tmp_path / "src", tmp_path / "a", shard_size=25, seed=5, progress=False)
+    b = convert(tmp_path / "src", tmp_path / "b", shard_size=25, seed=5, progress=False)
+    c = convert(tmp_path / "src", tmp_path / "c", shard_size=25, seed=6, progress=False)
     sha = lambda m: [e["sha256"] for e in m["splits"]["train"]["shards"]]  # noqa: E731
     assert sha(a) == sha(b)
     assert sha(a) != sha(c)
@@ -117,7 +117,7 @@ def test_cifar100_python_and_limit(tmp_path):
             pickle.dump({b"data": data, b"fine_labels": fine, b"coarse_labels": [0] * n}, f, protocol=2)
     with open(d / "meta", "wb") as f:
         pickle.dump({b"fine_label_names": [n.encode() for n in names], b"coarse_label_names": [b"x"]}, f, protocol=2)
-    man = convert(tmp_path, tmp_path / "out", splits=["train"], limit=100, show_progress=False)
+    man = convert(tmp_path, tmp_path / "out", splits=["train"], limit=100, progress=False)
     assert man["classes"] == names and list(man["splits"]) == ["train"]
     assert man["splits"]["train"]["class_counts"] == [1] * 100  # a balanced limit: one of each class
 
@@ -133,7 +133,7 @@ def test_cifar10_binary(tmp_path):
         r.tofile(d / name)
         rec[name] = r
     (d / "batches.meta.txt").write_text("\n".join(CIFAR10_NAMES) + "\n\n")
-    convert(tmp_path, tmp_path / "out", show_progress=False)
+    convert(tmp_path, tmp_path / "out", progress=False)
     x, y, keys, _ = _read_split(tmp_path / "out", "test")
     for img, lab, key in zip(x, y, keys):
         r = rec["test_batch.bin"][int(key.split("_")[1])]
@@ -155,7 +155,7 @@ def test_malicious_pickle_is_refused(tmp_path):
     with open(tmp_path / "src" / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
         pickle.dump({b"data": _Evil(str(target)), b"labels": []}, f, protocol=2)
     with pytest.raises(ConvertError, match="data_batch_3.*refusing"):
-        convert(tmp_path / "src", tmp_path / "out", show_progress=False)
+        convert(tmp_path / "src", tmp_path / "out", progress=False)
     assert not target.exists()
 
 
@@ -181,7 +181,7 @@ def test_imagefolder_with_splits(tmp_path):
             for i in range(4):
                 img = rng.integers(0, 256, size=(12, 16, 3), dtype=np.uint8)
                 raw[(split, cls, i)] = (_save(tmp_path / "tree" / split / cls / f"im.{i}.{ext}", img, fmt), img)
-    man = convert(tmp_path / "tree", tmp_path / "out", show_progress=False)
+    man = convert(tmp_path / "tree", tmp_path / "out", progress=False)
     assert man["classes"] == ["cat", "dog", "emu"] and set(man["splits"]) == {"train", "val"}
     members = {}
     for s in shards.iter_samples(str(tmp_path / "out" / "val-000000.tar")):
@@ -200,7 +200,7 @@ def test_imagefolder_resize(tmp_path):
     for cls in ("a", "b"):
         (tmp_path / "tree" / cls).mkdir(parents=True)
         _save(tmp_path / "tree" / cls / "x.png", np.zeros((40, 60, 3), np.uint8), "PNG")
-    convert(tmp_path / "tree", tmp_path / "out", image_size=32, split="train", show_progress=False)
+    convert(tmp_path / "tree", tmp_path / "out", image_size=32, split="train", progress=False)
     x, y, _, _ = _read_split(tmp_path / "out", "train")
     assert x.shape == (2, 32, 32, 3) and sorted(y.tolist()) == [0, 1]
 
@@ -212,7 +212,7 @@ def test_numpy_sources(tmp_path):
     xte = rng.integers(0, 256, size=(8, 8, 8), dtype=np.uint8)  # grayscale
     np.savez(tmp_path / "k.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=np.arange(8) % 4,
              classes=np.array(["a", "b", "c", "d"]))  # fmt: skip
-    man = convert(tmp_path / "k.npz", tmp_path / "out", show_progress=False)
+    man = convert(tmp_path / "k.npz", tmp_path / "out", progress=False)
     assert man["classes"] == ["a", "b", "c", "d"] and set(man["splits"]) == {"train", "test"}
     x, _, keys, _ = _read_split(tmp_path / "out", "train")
     i = int(keys[0].split("_")[1])
@@ -222,7 +222,7 @@ def test_numpy_sources(tmp_path):
 
     np.save(tmp_path / "x.npy", xtr.transpose(0, 2, 3, 1))
     np.save(tmp_path / "y.npy", ytr[:, 0])
-    man = convert(tmp_path / "x.npy", tmp_path / "out2", labels=tmp_path / "y.npy", split="mine", show_progress=False)
+    man = convert(tmp_path / "x.npy", tmp_path / "out2", labels=tmp_path / "y.npy", split="mine", progress=False)
     assert list(man["splits"]) == ["mine"] and man["classes"] == ["0", "1", "2", "3"]
 
 
@@ -237,15 +237,15 @@ def test_numpy_sources(tmp_path):
 def test_bad_numpy_input(tmp_path, setup, match):
     setup(tmp_path)
     with pytest.raises(ConvertError, match=match):
-        convert(tmp_path / "s.npz", tmp_path / "out", show_progress=False)
+        convert(tmp_path / "s.npz", tmp_path / "out", progress=False)
 
 
 def test_existing_output_needs_overwrite(tmp_path):
     make_cifar10_python(tmp_path / "src")
-    convert(tmp_path / "src", tmp_path / "out", shard_size=10, show_progress=False)
+    convert(tmp_path / "src", tmp_path / "out", shard_size=10, progress=False)
     with pytest.raises(ConvertError, match="already exists"):
-        convert(tmp_path / "src", tmp_path / "out", show_progress=False)
-    man = convert(tmp_path / "src", tmp_path / "out", shard_size=50, overwrite=True, show_progress=False)
+        convert(tmp_path / "src", tmp_path / "out", progress=False)
+    man = convert(tmp_path / "src", tmp_path / "out", shard_size=50, overwrite=True, progress=False)
     assert sorted(p.name for p in (tmp_path / "out").glob("train-*.tar")) == ["train-000000.tar", "train-000001.tar"]
     assert len(man["splits"]["train"]["shards"]) == 2
 
@@ -253,7 +253,7 @@ def test_existing_output_needs_overwrite(tmp_path):
 def test_unknown_source(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConvertError, match="neither CIFAR"):
-        convert(tmp_path / "empty", tmp_path / "out", show_progress=False)
+        convert(tmp_path / "empty", tmp_path / "out", progress=False)
 
 
 def test_demo_data_falls_back_to_a_converted_download(tmp_path, monkeypatch):
@@ -271,7 +271,7 @@ def test_demo_data_falls_back_to_a_converted_download(tmp_path, monkeypatch):
     monkeypatch.setattr(conv, "download_cifar", fake_download)
     monkeypatch.setattr(demo, "REPO", tmp_path / "repo")  # no shared/data beside this "repository"
     monkeypatch.delenv("PURIFY_PIPELINE_DATA", raising=False)
-    found = demo.find_data(download_root=tmp_path / "cache", show_progress=False)
+    found = demo.find_data(download_root=tmp_path / "cache", progress=False)
     assert calls == ["cifar10"]
     assert found == tmp_path / "cache" / "cifar10-shards"
     assert json.loads((found / "manifest.json").read_text())["classes"] == CIFAR10_NAMES

@@ -48,14 +48,14 @@ def test_two_worker_fit_gives_a_checkpoint_purify_shards_uses(small_shards, tmp_
     assert [h["world_size"] for h in pur.metrics["stage1"]] == [2]
     # Ray gives a fractional-CPU worker OMP_NUM_THREADS=1; the fit splits the node's cores among its workers
     assert pur.metrics["stage1"][0]["torch_threads"] == max(1, (os.cpu_count() or 1) // 2)
-    summary = purify_shards(small_shards, str(tmp_path / "purified"), out, show_progress=False)
+    summary = purify_shards(small_shards, str(tmp_path / "purified"), out, progress=False)
     assert summary.samples_out == 384 and summary.quarantined == 0
 
     # stage 2 trained on the stage-1 outputs of the input shards, not on the input itself
     run = json.loads((tmp_path / "runs" / "two" / "summary.json").read_text())
     assert all("stage1-shards" in u for u in run["stage2_inputs"])
-    inp = shards.load_arrays(small_shards, show_progress=False)
-    s1 = shards.load_arrays(run["stage2_inputs"], show_progress=False)
+    inp = shards.load_arrays(small_shards, progress=False)
+    s1 = shards.load_arrays(run["stage2_inputs"], progress=False)
     assert s1.keys == inp.keys
     half = Purifier.load(str(tmp_path / "runs" / "two" / "stage1-checkpoint"))
     want = half.purify_stage1(inp.images, inp.labels, mode="sample", seed=0, sample_ids=sample_ids_for_keys(inp.keys))
@@ -153,6 +153,6 @@ def _in_process(small_shards: str, cfg: DVAEConfig) -> Purifier:
     """fit_two_stage on the shards' key-sorted arrays and keys: what fit_purifier must reproduce."""
     from purify_pipeline.fit import fit_two_stage
 
-    arr = shards.load_arrays(small_shards, show_progress=False)
+    arr = shards.load_arrays(small_shards, progress=False)
     order = np.argsort(np.asarray(arr.keys, dtype=str), kind="stable")
     return fit_two_stage(arr.images[order], arr.labels[order], cfg, keys=[arr.keys[i] for i in order], progress=False)

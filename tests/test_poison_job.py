@@ -42,7 +42,7 @@ def test_job_writes_poisoned_png_shards_and_manifest(ray_session, small_shards, 
     if name == "lsp":
         assert manifest["budget"]["l2"] == pytest.approx(np.sqrt(3072) * 6 / 255)
 
-    clean = shards.load_arrays(small_shards, show_progress=False)
+    clean = shards.load_arrays(small_shards, progress=False)
     expected = poisons.fit(name, clean.images, clean.labels, num_classes=10, seed=0, sample_ids=clean.keys).apply(
         clean.images, clean.labels, sample_ids=clean.keys)
     got_images, got_keys = [], []

@@ -315,7 +315,7 @@ def test_classifier_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch) -> None
     x, y = r.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), r.integers(0, 2, 64)
     monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
     with pytest.warns(RuntimeWarning, match="without native bfloat16"):
-        train_classifier(x, y, x, y, ClassifierConfig.preset("tiny", num_classes=2, epochs=1), bf16=True, progress_bar=False)
+        train_classifier(x, y, x, y, ClassifierConfig.preset("tiny", num_classes=2, epochs=1), bf16=True, progress=False)
 
 
 def test_fit_two_stage_resumes_from_checkpoint_dir_with_the_same_bytes(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from purify_pipeline.purify import purify_shards
 from purify_pipeline.shards import ShardError
 from purify_pipeline.stage import sample_ids_for_keys
 
-JOB = {"batch_size": 64, "actors": 2, "num_cpus": 0.5, "show_progress": False}
+JOB = {"batch_size": 64, "actors": 2, "num_cpus": 0.5, "progress": False}
 
 
 def _save_untrained(path, seed: int) -> str:

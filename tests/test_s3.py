@@ -53,7 +53,7 @@ def test_s3_in_s3_out(ray_session, s3, tmp_path, cifar10_dir):
 
     summary = purify_shards("s3://purify-test/in/part-{000000..000001}.tar", "s3://purify-test/out",
                             "s3://purify-test/ckpt", storage_options=so, batch_size=32, actors=1, num_cpus=0.5,
-                            show_progress=False)  # fmt: skip
+                            progress=False)  # fmt: skip
     assert (summary.samples_in, summary.samples_out, summary.checkpoint_fingerprint) == (100, 100, fp)
     assert sorted(fs.ls("purify-test/out", detail=False)) == [
         "purify-test/out/manifest.json", "purify-test/out/purified-000000.tar", "purify-test/out/purified-000001.tar"]
@@ -70,5 +70,5 @@ def test_s3_in_s3_out(ray_session, s3, tmp_path, cifar10_dir):
         np.testing.assert_array_equal(np.stack([shards.decode_image(s["png"], "png") for s in out]), ref)
     # resuming against S3: nothing left to do, the manifest's checksums still match the objects
     again = purify_shards("s3://purify-test/in/part-*.tar", "s3://purify-test/out", "s3://purify-test/ckpt",
-                          storage_options=so, batch_size=32, actors=1, num_cpus=0.5, show_progress=False)  # fmt: skip
+                          storage_options=so, batch_size=32, actors=1, num_cpus=0.5, progress=False)  # fmt: skip
     assert (again.shards_resumed, again.shards_written) == (2, 0)
