@@ -193,6 +193,25 @@ def test_ar_filters_are_causal_and_match_the_reference_loop(small):
     assert own < 1e-8 * other
 
 
+def test_cuda_filters_and_convolution_are_the_papers(small):
+    """CUDA: one 3x3 filter per class, taps in [0, 0.3] but one set to 1, the same for R, G, B; the image is
+    convolved (cross-correlation, zero padding), divided by its maximum, x255 and truncated to uint8."""
+    x, y, keys = small
+    p = poisons.fit("cuda", num_classes=10, seed=0, image_size=32)
+    f = p.filters
+    assert f.shape == (10, 3, 3) and ((f == 1.0).sum(axis=(1, 2)) == 1).all()
+    assert ((f >= 0) & (f <= 0.3) | (f == 1.0)).all() and len({t.tobytes() for t in f}) == 10
+    out = p.apply(x[:40], y[:40], sample_ids=keys[:40])
+    w = torch.from_numpy(np.repeat(f[y[:40]][:, None], 3, axis=1))  # (N, 3, 3, 3): the same filter per channel
+    xt = torch.from_numpy(x[:40]).permute(0, 3, 1, 2).double() / 255
+    ref = torch.stack([F.conv2d(xt[i : i + 1], w[i].double().unsqueeze(1), padding=1, groups=3)[0] for i in range(40)])
+    ref = (ref / ref.amax(dim=(1, 2, 3), keepdim=True) * 255).clamp(0, 255).permute(0, 2, 3, 1).numpy()
+    assert np.abs(out.astype(np.float64) - np.floor(ref)).max() <= 1  # float32 vs float64 at a truncation edge
+    assert (diff(out, x[:40]) != 0).mean() > 0.5  # not a small perturbation: most pixels change
+    with pytest.raises(ValueError, match="kernel_size must be odd"):
+        poisons.fit("cuda", num_classes=10, seed=0, image_size=32, kernel_size=4)
+
+
 # ----------------------------------------------------------------------------- other sizes / classes
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAST)

@@ -6,7 +6,8 @@
     batch_out = p.apply(batch, batch_labels, sample_ids=batch_keys)                # cheap per batch
     poisons.poison_shards("clean/train-{000000..000049}.tar", "out/", "ar", seed=0)  # Ray Data job
 
-Names (`POISONS`): lsp, ar, ops, em, random, classwise, tap. Budgets default to the original papers'
+Names (`POISONS`): lsp, ar, ops, em, random, classwise, tap, cuda (class-wise blur filters, not
+additive: `quantised` is poisoned - clean). Budgets default to the original papers'
 values and are keyword options (`eps=`, `l2=`, ...); compute knobs for em/tap likewise. Per-sample noise
 comes from (seed, sample id): pass `sample_ids` (ints or string keys) and the bytes do not depend on
 batching. The poisoned image is clip(x + round(255·delta)) and every budget holds after that quantisation.
@@ -20,13 +21,14 @@ import numpy as np
 from ._base import Poison
 from ._common import SampleIds
 from .ar import AR
+from .cuda import CUDA
 from .em import EM
 from .lsp import LSP
 from .noise import ClasswiseNoise, RandomNoise
 from .ops import OPS
 from .tap import TAP
 
-_REGISTRY: dict[str, type[Poison]] = {c.name: c for c in (LSP, AR, OPS, EM, RandomNoise, ClasswiseNoise, TAP)}
+_REGISTRY: dict[str, type[Poison]] = {c.name: c for c in (LSP, AR, OPS, EM, RandomNoise, ClasswiseNoise, TAP, CUDA)}
 POISONS: tuple[str, ...] = tuple(_REGISTRY)
 
 
@@ -69,5 +71,5 @@ def poison_shards(inputs: Any, output: str, name: str, *, seed: int, **kwargs: A
     return _poison_shards(inputs, output, name, seed=seed, **kwargs)
 
 
-__all__ = ["AR", "EM", "LSP", "OPS", "POISONS", "TAP", "ClasswiseNoise", "Poison", "RandomNoise", "fit",
+__all__ = ["AR", "CUDA", "EM", "LSP", "OPS", "POISONS", "TAP", "ClasswiseNoise", "Poison", "RandomNoise", "fit",
            "generate", "get", "perturbation", "poison_shards"]
