@@ -1,6 +1,8 @@
-"""Baseline pre-training defenses against unlearnable examples: JPEG-10, grayscale, bit-depth reduction.
+"""Baseline pre-training defenses against unlearnable examples: JPEG-10, grayscale, bit-depth reduction,
+sharpening + frequency filtering.
 
-These are the comparison points of METHOD.md ("ISS" JPEG quality 10 and 3-channel grayscale, BDR 2 bits).
+These are the comparison points of METHOD.md ("ISS" JPEG quality 10 and 3-channel grayscale, BDR 2 bits),
+plus the published counter to convolution-based poisons such as CUDA (`sharpen_ff`).
 Each takes and returns uint8 NHWC RGB images, so it slots in wherever D-VAE purification would: on an
 in-memory array (`apply_defense`) or as a Ray Data `map_batches` stage (`DefenseTransform`).
 """
@@ -70,6 +72,52 @@ def bdr(images: np.ndarray, bits: int = 2) -> np.ndarray:
     return ((q * 255 * 2 + levels) // (2 * levels)).astype(np.uint8)
 
 
+def _dct_matrix(n: int) -> np.ndarray:
+    """Orthonormal DCT-II matrix D (n x n): the DCT of a vector v is D @ v, its inverse D.T @ c."""
+    k, i = np.arange(n)[:, None], np.arange(n)[None, :]
+    d = np.sqrt(2.0 / n) * np.cos(np.pi * (2 * i + 1) * k / (2 * n))
+    d[0] /= np.sqrt(2.0)
+    return d
+
+
+def sharpen_ff(images: np.ndarray, center: float = 2.5, keep: float = 0.3, random: bool = True,
+               seed: int = 0) -> np.ndarray:  # fmt: skip
+    """Sharpening + frequency filtering (Kim & Sandoval-Segura, 2024: "RSK + FF"), a counter to CUDA's blurs.
+
+    Each image is convolved with a cross-shaped sharpening kernel [[0, -n, 0], [-n, c, -n], [0, -n, 0]],
+    n = (c - 1) / 4 (edge-replicated borders, so the size stays), clamped to [0, 1]; then only the lowest
+    `keep` fraction of its 2-D DCT rows and columns is kept (orthonormal DCT per channel), clamped and rounded
+    to uint8. random=True draws each image's kernel as the authors' "random sharpening kernels" do: c from
+    N(center, 0.1), each of the four n from N((c - 1) / 4, 0.1), seeded by `seed` and the image's position.
+    The authors apply it on the fly during training (and shrink the image to 30x30 before their random crop
+    pads it back); here it is a data transform like the other defenses, one fixed draw per image.
+    """
+    _check_images(images, "sharpen_ff")
+    if not 0 < keep <= 1:
+        raise ValueError(f"sharpen_ff: keep must be in (0, 1], got {keep}")
+    n_img, h, w, _ = images.shape
+    if random:
+        rng = np.random.default_rng(seed)
+        c = rng.normal(center, 0.1, n_img)
+        nb = rng.normal(((c - 1) / 4)[:, None], 0.1, (n_img, 4))
+    else:
+        c = np.full(n_img, float(center))
+        nb = np.repeat(((c - 1) / 4)[:, None], 4, axis=1)
+    x = images.astype(np.float64) / 255.0
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    up, left, right, down = (xp[:, 0:h, 1 : w + 1], xp[:, 1 : h + 1, 0:w], xp[:, 1 : h + 1, 2 : w + 2],
+                             xp[:, 2 : h + 2, 1 : w + 1])  # fmt: skip
+    b = lambda v: v[:, None, None, None]  # noqa: E731 - per-image scalars over (H, W, C)
+    y = b(c) * x - b(nb[:, 0]) * up - b(nb[:, 1]) * left - b(nb[:, 2]) * right - b(nb[:, 3]) * down
+    y = np.clip(y, 0.0, 1.0)
+    dh, dw = _dct_matrix(h), _dct_matrix(w)
+    coef = np.einsum("ij,njwc,kw->nikc", dh, y, dw)  # 2-D DCT of each channel
+    mask = np.zeros((h, w))
+    mask[: int(h * keep), : int(w * keep)] = 1.0
+    y = np.einsum("ji,njwc,wk->nikc", dh, coef * mask[None, :, :, None], dw)  # inverse (D orthonormal)
+    return np.clip(np.round(y * 255.0), 0, 255).astype(np.uint8)
+
+
 def identity(images: np.ndarray) -> np.ndarray:
     """No defense (a validated copy), so "none" can sit in the same table as the others."""
     return _check_images(images, "none").copy()
@@ -80,6 +128,7 @@ DEFENSES: dict[str, Callable[..., np.ndarray]] = {
     "jpeg": jpeg,
     "grayscale": grayscale,
     "bdr": bdr,
+    "sharpen_ff": sharpen_ff,
 }
 
 

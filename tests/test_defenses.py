@@ -1,4 +1,5 @@
-"""Baseline defenses: shapes, dtype, the real JPEG codec, Pillow-exact grayscale, BDR levels, errors."""
+"""Baseline defenses: shapes, dtype, the real JPEG codec, Pillow-exact grayscale, BDR levels, sharpen + DCT
+low-pass, errors."""
 from __future__ import annotations
 
 import io
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from purify_pipeline.defenses import DEFENSES, DefenseTransform, apply_defense, bdr, grayscale, jpeg
+from purify_pipeline.defenses import (DEFENSES, DefenseTransform, _dct_matrix, apply_defense, bdr, grayscale, jpeg,
+                                      sharpen_ff)
 
 
 @pytest.fixture()
@@ -58,6 +60,29 @@ def test_bdr_levels_match_float_reference(bits: int) -> None:
         assert set(np.unique(out)) == {0, 85, 170, 255}
 
 
+def test_sharpen_ff_sharpens_then_keeps_only_low_frequencies(images: np.ndarray) -> None:
+    # the identity kernel (centre 1, neighbours 0) and every frequency kept: the images come back
+    np.testing.assert_array_equal(sharpen_ff(images, center=1.0, keep=1.0, random=False), images)
+    # the fixed kernel alone is the cross-shaped sharpening filter with edge-replicated borders
+    x = images.astype(float) / 255
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    ref = 2.5 * x - 0.375 * (xp[:, :-2, 1:-1] + xp[:, 2:, 1:-1] + xp[:, 1:-1, :-2] + xp[:, 1:-1, 2:])
+    want = np.round(np.clip(ref, 0, 1) * 255)
+    assert np.abs(sharpen_ff(images, keep=1.0, random=False).astype(float) - want).max() <= 1
+    # the low-pass: outside the kept 9x9 block of the DCT only uint8 rounding is left
+    out = sharpen_ff(images, keep=0.3, seed=1)
+    d = _dct_matrix(32)
+    coef = np.einsum("ij,njwc,kw->nikc", d, out.astype(float) / 255, d)
+    high = coef.copy()
+    high[:, :9, :9] = 0
+    assert (high**2).sum() < 1e-3 * (coef**2).sum()
+    # random kernels: seeded, one per image
+    np.testing.assert_array_equal(out, sharpen_ff(images, keep=0.3, seed=1))
+    assert not np.array_equal(out, sharpen_ff(images, keep=0.3, seed=2))
+    with pytest.raises(ValueError, match="keep"):
+        sharpen_ff(images, keep=0.0)
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [
@@ -66,7 +91,7 @@ def test_bdr_levels_match_float_reference(bits: int) -> None:
         (np.zeros((2, 8, 8, 1), np.uint8), r"\(N, H, W, 3\)"),
     ],
 )
-@pytest.mark.parametrize("name", ["jpeg", "grayscale", "bdr"])
+@pytest.mark.parametrize("name", ["jpeg", "grayscale", "bdr", "sharpen_ff"])
 def test_bad_input_is_a_clear_error(name: str, bad: np.ndarray, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         apply_defense(name, bad)
