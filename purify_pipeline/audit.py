@@ -2,6 +2,7 @@
 
     r = audit(images, labels, num_classes=10)          # uint8 NHWC + int labels
     r = audit_shards("data/train-{000000..000009}.tar")  # a seeded sample of shards (use_ray=True: Ray Data)
+    r = audit_dataset(ds)                                # any Ray Dataset with __key__, an image and a label
     print(r.summary()); r.to_dict()
 
 Availability poisons are shortcuts: label-correlated patterns that a linear model fits far better than it
@@ -30,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AuditResult", "CLEAN_CALIBRATION", "THRESHOLDS", "audit", "audit_shards", "pixel_features",
-           "texture_features"]
+__all__ = ["AuditResult", "CLEAN_CALIBRATION", "THRESHOLDS", "audit", "audit_dataset", "audit_shards",
+           "pixel_features", "texture_features"]
 
 # Clean calibration (benchmarks/results/audit/audit.json, seed 0, 10k images each): scores 0.356 0.351 0.366
 # 0.354 0.360 (train subsets 0-9k ... 40-49k), 0.368 (test split), 0.328 / 0.346 / 0.345 (first subset after
@@ -190,18 +191,18 @@ def _rank(key: str, seed: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
 
 
-def _shard_ranks(url: str, seed: int) -> list[int]:
+def _shard_ranks(url: str, seed: int, so: dict | None = None) -> list[int]:
     from . import shards
 
-    return [_rank(s["__key__"], seed) for s in shards.iter_samples(url)]
+    return [_rank(s["__key__"], seed) for s in shards.iter_samples(url, storage_options=so)]
 
 
-def _shard_sample(url: str, seed: int, cutoff: int) -> list[tuple[int, np.ndarray, int]]:
+def _shard_sample(url: str, seed: int, cutoff: int, so: dict | None = None) -> list[tuple[int, np.ndarray, int]]:
     """(rank, decoded image, label) of the shard's samples whose rank is <= cutoff."""
     from . import shards
 
     out = []
-    for s in shards.iter_samples(url):
+    for s in shards.iter_samples(url, storage_options=so):
         r = _rank(s["__key__"], seed)
         if r <= cutoff:
             col = shards.find_image_column(s, shard=url, key=s["__key__"])
@@ -211,29 +212,31 @@ def _shard_sample(url: str, seed: int, cutoff: int) -> list[tuple[int, np.ndarra
 
 
 def audit_shards(urls: str | Sequence[str], *, num_classes: int | None = None, max_images: int = 10_000,
-                 seed: int = 0, use_ray: bool = False, thresholds: tuple[float, float] | None = None) -> AuditResult:
+                 seed: int = 0, use_ray: bool = False, thresholds: tuple[float, float] | None = None,
+                 storage_options: dict | None = None) -> AuditResult:  # fmt: skip
     """Audit WebDataset shards (`.cls` labels): the `max_images` samples of smallest seeded key hash, i.e. a
     uniform sample that does not depend on shard order. use_ray=True runs it as two Ray Data passes (hash
     the keys per shard, then decode only the sampled images per shard); the sample and result are the same."""
     from . import shards
 
-    found = shards.expand(urls)
+    so = dict(storage_options or {})
+    found = shards.expand(urls, storage_options=so)
     if use_ray:
         import ray
 
         items = ray.data.from_items([{"url": u} for u in found], override_num_blocks=len(found))
-        ranks = items.flat_map(lambda row: [{"r": r} for r in _shard_ranks(row["url"], seed)])
+        ranks = items.flat_map(lambda row: [{"r": r} for r in _shard_ranks(row["url"], seed, so)])
         allr = np.sort(np.concatenate([b["r"] for b in ranks.iter_batches(batch_format="numpy")]).astype(np.uint64))
         if len(allr) == 0:
             raise ValueError(f"no samples in {len(found)} shard(s)")
         cutoff = int(allr[min(max_images, len(allr)) - 1])
         rows = items.flat_map(lambda row: [{"r": r, "image": x, "label": y}
-                                           for r, x, y in _shard_sample(row["url"], seed, cutoff)])  # fmt: skip
+                                           for r, x, y in _shard_sample(row["url"], seed, cutoff, so)])  # fmt: skip
         picked = sorted(((int(r["r"]), r["image"], int(r["label"])) for r in rows.iter_rows()), key=lambda t: t[0])
     else:
         heap: list[tuple[int, int, str, dict]] = []  # max-heap by rank (negated) of raw samples
         for url in found:
-            for i, s in enumerate(shards.iter_samples(url)):
+            for i, s in enumerate(shards.iter_samples(url, storage_options=so)):
                 item = (-_rank(s["__key__"], seed), -i, url, s)  # (rank, position) ties never reach the dict
                 if len(heap) < max_images:
                     heapq.heappush(heap, item)  # type: ignore[arg-type]
@@ -248,5 +251,51 @@ def audit_shards(urls: str | Sequence[str], *, num_classes: int | None = None, m
                            shards.parse_label(s.get("cls"), shard=url, key=s["__key__"])))  # fmt: skip
     images = np.stack([p[1] for p in picked])
     labels = np.array([p[2] for p in picked], dtype=np.int64)
+    k = num_classes if num_classes is not None else int(labels.max()) + 1
+    return audit(images, labels, num_classes=k, seed=seed, max_images=None, thresholds=thresholds)
+
+
+def audit_dataset(ds: Any, *, image_column: str | None = None, label_column: str = "cls", key_column: str = "__key__",
+                  num_classes: int | None = None, max_images: int = 10_000, seed: int = 0,
+                  thresholds: tuple[float, float] | None = None) -> AuditResult:  # fmt: skip
+    """Audit a Ray Dataset in a user's pipeline (e.g. before or after a `PurifyStage`): rows with a key, an image
+    (encoded bytes or a decoded HxWx3 array; image_column None = jpg/jpeg/png/webp/npy, the first present) and
+    an integer label. Two passes: the keys' seeded hashes (a key column only), then the `max_images` rows of
+    smallest hash, decoded where they are. The same sample, hence the same result, as `audit_shards` over
+    the shards the dataset was read from."""
+    from . import shards
+
+    def ranks(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"r": np.array([_rank(str(k), seed) for k in batch[key_column]], dtype=np.uint64)}
+
+    allr = np.sort(np.concatenate([b["r"] for b in ds.select_columns([key_column]).map_batches(ranks, batch_format="numpy")
+                                   .iter_batches(batch_format="numpy")] or [np.zeros(0, np.uint64)]))  # fmt: skip
+    if len(allr) == 0:
+        raise ValueError("the dataset has no rows")
+    cutoff = int(allr[min(max_images, len(allr)) - 1])
+
+    def sample(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rs, imgs, labs = [], [], []
+        for i, k in enumerate(batch[key_column]):
+            r = _rank(str(k), seed)
+            if r > cutoff:
+                continue
+            key = str(k)
+            col = image_column or next((c for c in shards.IMAGE_EXTS if c in batch and batch[c][i] is not None), None)
+            if col is None:
+                raise shards.ShardError(f"no image column among {sorted(batch)}", key=key)
+            v = batch[col][i]
+            img = shards.decode_image(v, col, key=key) if isinstance(v, (bytes, bytearray)) else shards.to_rgb(np.asarray(v), key=key)
+            rs.append(r)
+            imgs.append(img)
+            labs.append(shards.parse_label(batch[label_column][i], key=key))
+        return {"r": np.array(rs, dtype=np.uint64), "image": np.array(imgs, dtype=np.uint8).reshape(-1, *(imgs[0].shape if imgs else (0, 0, 3))),
+                "label": np.array(labs, dtype=np.int64)}  # fmt: skip
+
+    got = [b for b in ds.map_batches(sample, batch_format="numpy").iter_batches(batch_format="numpy") if len(b["r"])]
+    r = np.concatenate([b["r"] for b in got])
+    order = np.argsort(r, kind="stable")
+    images = np.concatenate([b["image"] for b in got])[order]
+    labels = np.concatenate([b["label"] for b in got])[order]
     k = num_classes if num_classes is not None else int(labels.max()) + 1
     return audit(images, labels, num_classes=k, seed=seed, max_images=None, thresholds=thresholds)

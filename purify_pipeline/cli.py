@@ -217,7 +217,8 @@ def cmd_purify(a: argparse.Namespace) -> int:
     summary = purify_shards(urls, a.output, a.checkpoint, prefix=a.prefix, mode=a.mode, seed=a.seed,
                             on_error=a.on_error, resize=a.resize, batch_size=a.batch_size, actors=a.actors,
                             num_cpus=a.cpus_per_actor, num_gpus=a.gpus_per_actor, threads=a.threads,
-                            overwrite=a.overwrite, progress=True, image_column=a.image_column)  # fmt: skip
+                            overwrite=a.overwrite, progress=True, image_column=a.image_column,
+                            audit=a.audit)  # fmt: skip
     print(summary)  # the result on stdout (with progress shown, purify_shards also logs it on stderr)
     return 0
 
@@ -410,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per actor (0: purify on CPUs)")
     p.add_argument("--threads", type=int, help="torch threads per actor (default: this machine's cores / --actors)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in OUTPUT")
+    p.add_argument("--audit", action="store_true", help="record the shortcut audit of input and output in "
+                   "manifest.json and the summary (about a minute each on 2 cores)")
     p.add_argument("--overwrite", action="store_true", help="start over in an existing OUTPUT")
     _ray_args(p)
     p.set_defaults(func=cmd_purify)

@@ -71,11 +71,28 @@ class PurifySummary:
     seconds: float
     images_per_s: float
     checkpoint_fingerprint: str
+    audit: dict[str, Any] | None = None  # {"input": ..., "output": ...} with audit=True (see `audit`)
 
     def __str__(self) -> str:
-        return (f"purified {self.samples_in} samples in {self.seconds:.1f} s ({self.images_per_s:.0f} images/s): "
+        text = (f"purified {self.samples_in} samples in {self.seconds:.1f} s ({self.images_per_s:.0f} images/s): "
                 f"{self.samples_out} written, {self.quarantined} quarantined; shards: {self.shards_written} written, "
                 f"{self.shards_resumed} already done, {self.shards} total -> {self.output}")  # fmt: skip
+        if self.audit:
+            i, o = self.audit["input"], self.audit["output"]
+            from .audit import CLEAN_CALIBRATION as c
+
+            text += (f"\nshortcut score {i['score']:.3f} ({i['verdict']}) -> {o['score']:.3f} ({o['verdict']}); "
+                     f"clean CIFAR-10 scores {c['min']:.2f}-{c['max']:.2f}")  # fmt: skip
+        return text
+
+
+def _audit_record(urls: Sequence[str], seed: int, so: Mapping[str, Any]) -> dict[str, Any]:
+    """The learnability audit of `urls` as the manifest records it (no timing: identical runs, identical bytes)."""
+    from .audit import audit_shards
+
+    r = audit_shards(list(urls), seed=seed, storage_options=so).to_dict()
+    r.pop("seconds", None)
+    return r
 
 
 def read_shards(batch: dict[str, np.ndarray], *, on_error: str = "raise", chunk_rows: int = 256,
@@ -338,6 +355,7 @@ def purify_shards(
     on_shard_written: Callable[[dict[str, Any]], None] | None = None,
     stages: int = 2,
     check_keys: bool = True,
+    audit: bool = False,
 ) -> PurifySummary:
     """Purify WebDataset shards with a D-VAE checkpoint; write ``<output>/<prefix>-NNNNNN.tar`` + manifest.
 
@@ -356,6 +374,8 @@ def purify_shards(
     the job never deletes or overwrites a file it did not write (see `_prepare_output`), and the manifest
     holds no timestamps or run ids, so identical runs write identical bytes, manifest included.
     ``on_shard_written(entry)`` is called after each shard.
+    audit=True records the learnability audit (`audit.audit_shards`, <= 10k sampled images, ~1 min on 2 cores each)
+    of the inputs and of the output in the manifest and the summary: "shortcut score 0.95 -> 0.36".
     stages=1 writes the stage-1 output only (used by `fit_purifier` to build stage 2's training set).
     actors/num_cpus/num_gpus/threads/batch_size as in ``PurifyStage``; read_num_cpus: CPUs per read task.
     Returns a `PurifySummary` (also printed when progress is shown).
@@ -428,13 +448,17 @@ def purify_shards(
         finally:
             bar.close()
             ctx.enable_progress_bars = ray_bars
+    if audit and len(entries) == len(urls):
+        out_urls = [shards.join(output, entries[i]["output"]) for i in sorted(entries)]
+        manifest["audit"] = {"input": _audit_record(urls, seed, so), "output": _audit_record(out_urls, seed, so)}
     path = save_manifest(output, manifest, entries, len(urls), so)
     seconds = time.perf_counter() - t0
     n_in = asm.samples_in if asm else 0
     summary = PurifySummary(output=output, manifest=path, shards=len(urls), shards_written=len(todo),
                             shards_resumed=resumed, samples_in=n_in, samples_out=asm.samples_out if asm else 0,
                             quarantined=asm.quarantined if asm else 0, seconds=seconds,
-                            images_per_s=n_in / max(seconds, 1e-9), checkpoint_fingerprint=fingerprint)  # fmt: skip
+                            images_per_s=n_in / max(seconds, 1e-9), checkpoint_fingerprint=fingerprint,
+                            audit=manifest.get("audit"))  # fmt: skip
     if progress_enabled(progress):
         print(summary, file=sys.stderr)
     return summary

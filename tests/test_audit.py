@@ -91,7 +91,11 @@ def test_audit_shards_sample_is_order_free_and_ray_agrees(tmp_path, clean_twin, 
     serial = A.audit_shards(urls, max_images=500, seed=3)
     reverse = A.audit_shards(list(reversed(shards.expand(urls))), max_images=500, seed=3)
     ray_r = A.audit_shards(urls, max_images=500, seed=3, use_ray=True)
-    for r in (reverse, ray_r):
+    import ray
+
+    ds = ray.data.read_webdataset(shards.expand(urls), decoder=None)  # any Ray Dataset with keys, images, labels
+    ds_r = A.audit_dataset(ds, max_images=500, seed=3)
+    for r in (reverse, ray_r, ds_r):
         assert (r.score, r.pixel_acc, r.texture_acc, r.class_counts) == (serial.score, serial.pixel_acc,
                                                                         serial.texture_acc, serial.class_counts)
     assert serial.n_images == 500 and serial.num_classes == 10

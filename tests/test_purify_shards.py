@@ -70,13 +70,20 @@ def _write_inputs(d, groups: list[list[dict]]) -> str:
 @pytest.mark.slow
 def test_real_cifar_shards_end_to_end(ray_session, tmp_path, cifar10_dir, checkpoint, purifier):
     inputs = str(cifar10_dir / "test-{000008..000009}.tar")
-    summary = purify_shards(inputs, str(tmp_path / "out"), checkpoint, **JOB)
+    summary = purify_shards(inputs, str(tmp_path / "out"), checkpoint, audit=True, **JOB)
     assert (summary.shards, summary.shards_written, summary.samples_in, summary.samples_out, summary.quarantined) == (
         2, 2, 2000, 2000, 0)  # fmt: skip
+    # the audit of input and output, in the manifest and the summary (clean CIFAR-10 in: clean-like)
+    from purify_pipeline.audit import audit_shards
+
+    want = audit_shards(shards.expand(inputs))
+    assert summary.audit["input"]["score"] == want.score and summary.audit["input"]["verdict"] == "clean-like"
+    assert summary.audit["output"]["n_images"] == 2000 and "shortcut score" in str(summary)
     assert summary.checkpoint_fingerprint == purifier.fingerprint
     outs = shards.expand(str(tmp_path / "out" / "purified-{000000..000001}.tar"))
     manifest = shards.read_manifest(str(tmp_path / "out"))
     assert manifest["complete"] and manifest["checkpoint_fingerprint"] == purifier.fingerprint
+    assert manifest["audit"] == summary.audit and "seconds" not in manifest["audit"]["input"]
     assert sorted(os.listdir(tmp_path / "out")) == ["manifest.json", "purified-000000.tar", "purified-000001.tar"]
     for url_in, url_out, entry in zip(shards.expand(inputs), outs, manifest["shards"]):
         src, dst = list(shards.iter_samples(url_in)), list(shards.iter_samples(url_out))
