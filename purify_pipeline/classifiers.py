@@ -72,6 +72,11 @@ class ClassifierConfig:
     eval_every: int = 1  # test accuracy every n epochs (0 = only after the last epoch)
     eval_batch_size: int = 1000
     channels_last: bool = True  # faster convolutions on CPU (oneDNN); same maths
+    # adversarial training (a training-time defense): PGD in an L-inf ball of radius adv_eps (0 = off; 8/255 is
+    # the classic setting), adv_steps steps of adv_step_size (None: 2.5 * adv_eps / adv_steps), random start
+    adv_eps: float = 0.0
+    adv_steps: int = 10
+    adv_step_size: float | None = None
     preset_name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +95,8 @@ class ClassifierConfig:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.crop_padding < 0 or self.eval_every < 0 or self.warmup_epochs < 0:
             raise ValueError("crop_padding, eval_every and warmup_epochs must be >= 0")
+        if not 0 <= self.adv_eps <= 1 or self.adv_steps < 1 or (self.adv_step_size is not None and self.adv_step_size <= 0):
+            raise ValueError("adv_eps must be in [0, 1], adv_steps >= 1 and adv_step_size > 0")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ClassifierConfig":

@@ -57,6 +57,28 @@ def make_optimizer(model: nn.Module, cfg: ClassifierConfig, total_steps: int, st
     return opt, sched
 
 
+def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, step_size: float | None,
+             gen: torch.Generator, bf16: bool = False) -> torch.Tensor:  # fmt: skip
+    """Adversarial examples for adversarial training (Madry et al.): PGD on the cross-entropy in the L-inf ball
+    of radius eps around x (images in [0, 1]), from a uniform random start; the model is put in eval mode
+    while attacking (BatchNorm statistics come from clean-mode batches only) and restored after."""
+    alpha = step_size if step_size is not None else 2.5 * eps / steps
+    was_training = model.training
+    model.eval()
+    delta = ((torch.rand(x.shape, generator=gen) * 2 - 1) * eps).to(x.device, memory_format=torch.preserve_format)
+    delta = (x + delta).clamp(0, 1) - x
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x + delta).float(), y)
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta = (delta + alpha * grad.sign()).clamp(-eps, eps)
+            delta = (x + delta).clamp(0, 1) - x
+    model.train(was_training)
+    return (x + delta).detach()
+
+
 def _memory_format(cfg: ClassifierConfig) -> torch.memory_format:
     return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
@@ -99,6 +121,8 @@ def train_classifier(
     """Train a fresh classifier on uint8 NHWC images and test it; returns metrics and the model.
 
     bf16: bfloat16 autocast for the forward passes (a GPU, or a CPU with AMX); weights and SGD stay fp32.
+    cfg.adv_eps > 0 trains adversarially (PGD-AT, `pgd_linf`), the classic training-time defense; it costs
+    about adv_steps + 1 forward/backward passes per step.
 
     Returns {"test_acc", "test_loss", "history": [per-epoch dicts], "train_seconds", "num_parameters",
     "config", "seed", "device", "model"} where test_acc is the final epoch's clean test accuracy.
@@ -145,6 +169,8 @@ def train_classifier(
             x = random_crop_flip(to_float_nchw(x_all[idx]), cfg.crop_padding, cfg.flip, gen)
             x = x.to(device, memory_format=mf)
             y = y_all[idx].to(device)
+            if cfg.adv_eps > 0:  # adversarial training: the step is taken on the PGD examples
+                x = pgd_linf(model, x, y, cfg.adv_eps, cfg.adv_steps, cfg.adv_step_size, gen, bf16)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)

@@ -18,7 +18,7 @@ from purify_pipeline.classifiers import (
     num_parameters,
     whitening_filters,
 )
-from purify_pipeline.train_classifier import lr_factor, train_classifier, train_classifier_ray
+from purify_pipeline.train_classifier import lr_factor, pgd_linf, train_classifier, train_classifier_ray
 
 
 def _easy_data(n: int, rng: np.random.Generator, num_classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -120,6 +120,28 @@ def test_bf16_autocast_trains_seeded_and_differs_from_fp32(rng: np.random.Genera
     assert torch.equal(pa, pb)
     assert not torch.equal(pa, pf)
     assert all(p.dtype == torch.float32 for p in a["model"].parameters())
+
+
+def test_pgd_stays_in_the_ball_raises_the_loss_and_adversarial_training_runs(rng: np.random.Generator) -> None:
+    xtr, ytr = _easy_data(256, rng)
+    xte, yte = _easy_data(128, rng)
+    cfg = ClassifierConfig.preset("tiny", num_classes=4, epochs=2, batch_size=32)
+    plain = train_classifier(xtr, ytr, xte, yte, cfg, seed=0, progress=False)
+    model = plain["model"].train()
+    x, y = to_float_nchw(xte[:64]), torch.as_tensor(yte[:64])
+    eps = 8 / 255
+    adv = pgd_linf(model, x, y, eps, 5, None, torch.Generator().manual_seed(0))
+    assert model.training  # restored
+    assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    model.eval()
+    with torch.no_grad():
+        assert F.cross_entropy(model(adv), y) > F.cross_entropy(model(x), y)
+    at = ClassifierConfig.preset("tiny", num_classes=4, epochs=1, batch_size=32, adv_eps=eps, adv_steps=3)
+    r, r2 = (train_classifier(xtr, ytr, xte, yte, at, seed=0, progress=False) for _ in range(2))
+    assert r["history"][0]["train_loss"] == r2["history"][0]["train_loss"]  # seeded
+    assert r["history"][0]["train_loss"] > plain["history"][0]["train_loss"]  # trained on harder examples
+    with pytest.raises(ValueError, match="adv_eps"):
+        ClassifierConfig.preset("tiny", adv_eps=-0.1)
 
 
 def test_training_loop_on_cifar_subset(cifar10_dir: Path) -> None:
