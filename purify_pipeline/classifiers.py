@@ -77,6 +77,9 @@ class ClassifierConfig:
     adv_eps: float = 0.0
     adv_steps: int = 10
     adv_step_size: float | None = None
+    # UEraser (a training-time defense): 0 = off; 1 = UEraser-Lite (each batch through its augmentations);
+    # K > 1 = UEraser-Max (K augmented views per image, the step taken on each image's highest-loss view)
+    ueraser: int = 0
     preset_name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -97,6 +100,8 @@ class ClassifierConfig:
             raise ValueError("crop_padding, eval_every and warmup_epochs must be >= 0")
         if not 0 <= self.adv_eps <= 1 or self.adv_steps < 1 or (self.adv_step_size is not None and self.adv_step_size <= 0):
             raise ValueError("adv_eps must be in [0, 1], adv_steps >= 1 and adv_step_size > 0")
+        if self.ueraser < 0:
+            raise ValueError(f"ueraser must be >= 0 (views), got {self.ueraser}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ClassifierConfig":

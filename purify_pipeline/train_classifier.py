@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from purify_pipeline._progress import progress as _bar
-from purify_pipeline.augment import random_crop_flip, to_float_nchw
+from purify_pipeline.augment import random_crop_flip, to_float_nchw, ueraser
 from purify_pipeline.classifiers import ClassifierConfig, build_classifier, num_parameters
 from purify_pipeline.train import warn_if_emulated_bf16
 
@@ -79,6 +79,23 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ste
     return (x + delta).detach()
 
 
+def _ueraser_views(model: nn.Module, x: torch.Tensor, y: torch.Tensor, views: int, gen: torch.Generator,
+                   bf16: bool = False) -> torch.Tensor:  # fmt: skip
+    """UEraser-Lite (views=1): the batch through `augment.ueraser`. UEraser-Max (views=K): K augmented views per
+    image, scored without gradients, and each image's highest-loss view kept (the paper backpropagates the max
+    over K; here one backward pass on the chosen views)."""
+    if views == 1:
+        return ueraser(x, gen)
+    cands = [ueraser(x, gen) for _ in range(views)]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        losses = torch.stack([F.cross_entropy(model(v).float(), y, reduction="none") for v in cands])
+    model.train(was_training)
+    pick = losses.argmax(0)
+    return torch.stack(cands)[pick, torch.arange(len(y), device=x.device)]
+
+
 def _memory_format(cfg: ClassifierConfig) -> torch.memory_format:
     return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
@@ -122,7 +139,7 @@ def train_classifier(
 
     bf16: bfloat16 autocast for the forward passes (a GPU, or a CPU with AMX); weights and SGD stay fp32.
     cfg.adv_eps > 0 trains adversarially (PGD-AT, `pgd_linf`), the classic training-time defense; it costs
-    about adv_steps + 1 forward/backward passes per step.
+    about adv_steps + 1 forward/backward passes per step. cfg.ueraser = 1 / K trains through UEraser-Lite / -Max.
 
     Returns {"test_acc", "test_loss", "history": [per-epoch dicts], "train_seconds", "num_parameters",
     "config", "seed", "device", "model"} where test_acc is the final epoch's clean test accuracy.
@@ -169,6 +186,8 @@ def train_classifier(
             x = random_crop_flip(to_float_nchw(x_all[idx]), cfg.crop_padding, cfg.flip, gen)
             x = x.to(device, memory_format=mf)
             y = y_all[idx].to(device)
+            if cfg.ueraser:  # UEraser: strong augmentations; with K > 1 views, each image's worst one
+                x = _ueraser_views(model, x, y, cfg.ueraser, gen, bf16)
             if cfg.adv_eps > 0:  # adversarial training: the step is taken on the PGD examples
                 x = pgd_linf(model, x, y, cfg.adv_eps, cfg.adv_steps, cfg.adv_step_size, gen, bf16)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

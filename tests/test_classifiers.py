@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from purify_pipeline.augment import random_crop_flip, to_float_nchw
+from purify_pipeline.augment import plasma, random_crop_flip, to_float_nchw, ueraser
 from purify_pipeline.classifiers import (
     ClassifierConfig,
     FastNet,
@@ -142,6 +142,25 @@ def test_pgd_stays_in_the_ball_raises_the_loss_and_adversarial_training_runs(rng
     assert r["history"][0]["train_loss"] > plain["history"][0]["train_loss"]  # trained on harder examples
     with pytest.raises(ValueError, match="adv_eps"):
         ClassifierConfig.preset("tiny", adv_eps=-0.1)
+
+
+def test_ueraser_augmentations_are_seeded_and_training_uses_them(rng: np.random.Generator) -> None:
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    m = plasma(4, 3, 32, 32, torch.full((4,), 0.5), g())
+    assert m.shape == (4, 3, 32, 32) and m.amin() == 0 and m.amax() == 1
+    assert torch.equal(m, plasma(4, 3, 32, 32, torch.full((4,), 0.5), g()))
+    x = to_float_nchw(_easy_data(8, rng)[0])
+    before = torch.get_rng_state()
+    a, b = ueraser(x, g()), ueraser(x, g())
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's global RNG is left alone
+    assert torch.equal(a, b) and a.shape == x.shape and 0 <= a.min() and a.max() <= 1
+    assert (a - x).abs().mean() > 0.05  # strong augmentations, not a light touch
+    xtr, ytr = _easy_data(128, rng)
+    xte, yte = _easy_data(64, rng)
+    for views in (1, 3):  # Lite and Max
+        cfg = ClassifierConfig.preset("tiny", num_classes=4, epochs=1, batch_size=32, ueraser=views)
+        r1, r2 = (train_classifier(xtr, ytr, xte, yte, cfg, seed=0, progress=False) for _ in range(2))
+        assert r1["history"][0]["train_loss"] == r2["history"][0]["train_loss"] and np.isfinite(r1["test_loss"])
 
 
 def test_training_loop_on_cifar_subset(cifar10_dir: Path) -> None:
