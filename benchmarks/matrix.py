@@ -14,6 +14,7 @@ Results: benchmarks/results/<tier>/ matrix.json, matrix.md, accuracy.png, grid-<
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -47,7 +48,10 @@ TIERS: dict[str, dict[str, Any]] = {
               "classifier": "tiny", "dvae": "tiny", "poisons": ["lsp", "ops"]},
 }  # fmt: skip
 DEFENSES = {"none": ("none", {}), "jpeg10": ("jpeg", {"quality": 10}), "grayscale": ("grayscale", {}),
-            "bdr": ("bdr", {"bits": 2})}  # fmt: skip
+            "bdr": ("bdr", {"bits": 2}), "sharpen_ff": ("sharpen_ff", {})}  # fmt: skip
+# defenses that change the classifier's training, not the data: ClassifierConfig overrides
+TRAINING_DEFENSES = {"at": {"adv_eps": 8 / 255, "adv_steps": 10}, "ueraser": {"ueraser": 1},
+                     "ueraser-max": {"ueraser": 5}}  # fmt: skip
 
 
 def _load(data: Path, pattern: str, limit: int | None) -> shards.ShardArrays:
@@ -165,7 +169,8 @@ def report(out: Path, cells: list[dict], facts: dict, tier: str, total_s: float,
                         "retention": ret[0] if ret else None, "psnr": cs[0]["psnr_vs_clean"]})  # fmt: skip
     (out / "matrix.json").write_text(json.dumps({"tier": tier, "cells": cells, "summary": summary,
                                                  "total_seconds": total_s, "machine": facts, **(extra or {})}, indent=1))  # fmt: skip
-    known = ["none", "dvae", *sorted({s["defense"] for s in summary if s["defense"].startswith("dvae-")}), "jpeg10", "grayscale", "bdr"]
+    known = ["none", "dvae", *sorted({s["defense"] for s in summary if s["defense"].startswith("dvae-")}), "jpeg10", "grayscale",
+             "bdr", "sharpen_ff", *TRAINING_DEFENSES]
     defs = [d for d in known if any(s["defense"] == d for s in summary)]
     pois = list(dict.fromkeys(s["poison"] for s in summary))
     get = {(s["poison"], s["defense"]): s for s in summary}
@@ -239,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tier", choices=sorted(TIERS), default="cpu-mini")
     ap.add_argument("--data", default=os.environ.get("PURIFY_PIPELINE_DATA", str(REPO.parent / "shared" / "data" / "cifar10")))
     ap.add_argument("--poisons", nargs="+")
-    ap.add_argument("--defenses", nargs="+", default=["none", "dvae", "jpeg10", "grayscale", "bdr"])
+    ap.add_argument("--defenses", nargs="+", default=["none", "dvae", "jpeg10", "grayscale", "bdr"],
+                    help="also: sharpen_ff (data), at, ueraser, ueraser-max (training-time defenses)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--extra-seed-defenses", nargs="+", default=["none", "dvae"],
                     help="defenses run with every seed; the others with the first seed only")
@@ -274,16 +280,19 @@ def main(argv: list[str] | None = None) -> None:
         psha = poison_digest(poisoned)
         purified: dict[str, np.ndarray] = {}
         for d in args.defenses:
+            clf_d = clf
             if d == "dvae":
                 x = _dvae(cache, name, poisoned, clean, preset, args)
+            elif d in TRAINING_DEFENSES:  # the poisoned data as it is; the classifier trains differently
+                x, clf_d = poisoned, dataclasses.replace(clf, **TRAINING_DEFENSES[d])
             else:
                 x = apply_defense(DEFENSES[d][0], poisoned, **DEFENSES[d][1])
             label = f"dvae-{preset}" if d == "dvae" and preset != tier["dvae"] else d  # a cell per preset
-            if d != "none":
+            if d != "none" and d not in TRAINING_DEFENSES:
                 purified[label] = x
             seeds = args.seeds if d in args.extra_seed_defenses else args.seeds[:1]
             for s in seeds:
-                run_cell(cache, name, label, s, x, clean, delta, test, clf, args, poison_sha=psha)
+                run_cell(cache, name, label, s, x, clean, delta, test, clf_d, args, poison_sha=psha)
         if {"dvae", "jpeg10", "grayscale"} <= set(args.defenses) or not (out / f"grid-{name}.png").exists():
             _grid(out / f"grid-{name}.png", clean.images, poisoned, purified)  # a partial re-run keeps the full grid
         report_from_cache(cache, out, args)
