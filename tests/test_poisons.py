@@ -19,6 +19,7 @@ FAST = ("lsp", "ar", "ops", "random", "classwise")
 TINY = {
     "em": dict(width=8, pgd_steps=2, step_size=4 / 255, train_steps=2, max_rounds=2, batch_size=128),
     "tap": dict(width=8, surrogate_epochs=1, pgd_steps=3, step_size=2 / 255, batch_size=128),
+    "rem": dict(width=8, pgd_steps=2, step_size=4 / 255, train_steps=2, max_rounds=2, batch_size=128, adv_steps=1),
 }
 
 
@@ -69,10 +70,10 @@ def test_lsp_l2_default_is_the_papers():
     assert default_l2(32, 32) == pytest.approx(1.30, abs=5e-3)
 
 
-@pytest.mark.parametrize("name", ["random", "classwise", "em", "tap"])
+@pytest.mark.parametrize("name", ["random", "classwise", "em", "tap", "rem"])
 def test_linf_budget_is_exact(small, name):
     x, y, keys = small
-    n = 128 if name in ("em", "tap") else len(x)
+    n = 128 if name in ("em", "tap", "rem") else len(x)
     out = poisons.generate(name, x[:n], y[:n], num_classes=10, seed=0, sample_ids=keys[:n], progress=False,
                            **knobs(name))
     d = np.abs(diff(out, x[:n]))
@@ -117,7 +118,7 @@ def test_ops_changes_one_pixel_at_the_class_position(small):
 @pytest.mark.parametrize("name", poisons.POISONS)
 def test_same_seed_same_bytes_other_seed_differs(small, name):
     x, y, keys = small
-    n = 96 if name in ("em", "tap") else 200
+    n = 96 if name in ("em", "tap", "rem") else 200
     x, y, keys = x[:n], y[:n], keys[:n]
     kw = dict(num_classes=10, sample_ids=keys, progress=False, **knobs(name))
     a = poisons.generate(name, x, y, seed=1, **kw)
@@ -191,6 +192,23 @@ def test_ar_filters_are_causal_and_match_the_reference_loop(small):
     own = ar_mod.ar_residual(taps[0], sig).norm()
     other = min(float(ar_mod.ar_residual(taps[k], sig).norm()) for k in range(1, 10))
     assert own < 1e-8 * other
+
+
+def test_rem_trains_against_an_adversary(small, monkeypatch):
+    """REM = EM whose surrogate trains on adversarial points and whose noise steps see the worst case within
+    adv_radius; with the adversary it is a different noise from EM's on the same seed."""
+    from purify_pipeline.poisons import _surrogate, em
+
+    x, y, keys = small
+    calls = []
+    real = _surrogate.linf_ascent
+    monkeypatch.setattr(em, "linf_ascent", lambda *a, **kw: calls.append(kw["radius"]) or real(*a, **kw))
+    kw = dict(num_classes=10, seed=0, sample_ids=keys[:96], progress=False)
+    r = poisons.fit("rem", x[:96], y[:96], **kw, **knobs("rem"))
+    assert calls and set(calls) == {4 / 255}  # the surrogate's adversarial training step
+    assert r.config.adv_steps == 1 and r.config.adv_radius == 4 / 255
+    e = poisons.fit("em", x[:96], y[:96], **kw, **{k: v for k, v in knobs("rem").items() if k != "adv_steps"})
+    assert digest(r.apply(x[:96], y[:96], sample_ids=keys[:96])) != digest(e.apply(x[:96], y[:96], sample_ids=keys[:96]))
 
 
 def test_cuda_filters_and_convolution_are_the_papers(small):

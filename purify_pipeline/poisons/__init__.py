@@ -6,7 +6,7 @@
     batch_out = p.apply(batch, batch_labels, sample_ids=batch_keys)                # cheap per batch
     poisons.poison_shards("clean/train-{000000..000049}.tar", "out/", "ar", seed=0)  # Ray Data job
 
-Names (`POISONS`): lsp, ar, ops, em, random, classwise, tap, cuda (class-wise blur filters, not
+Names (`POISONS`): lsp, ar, ops, em, random, classwise, tap, cuda, rem (EM against an adversary) (class-wise blur filters, not
 additive: `quantised` is poisoned - clean). Budgets default to the original papers'
 values and are keyword options (`eps=`, `l2=`, ...); compute knobs for em/tap likewise. Per-sample noise
 comes from (seed, sample id): pass `sample_ids` (ints or string keys) and the bytes do not depend on
@@ -22,13 +22,13 @@ from ._base import Poison
 from ._common import SampleIds
 from .ar import AR
 from .cuda import CUDA
-from .em import EM
+from .em import EM, REM
 from .lsp import LSP
 from .noise import ClasswiseNoise, RandomNoise
 from .ops import OPS
 from .tap import TAP
 
-_REGISTRY: dict[str, type[Poison]] = {c.name: c for c in (LSP, AR, OPS, EM, RandomNoise, ClasswiseNoise, TAP, CUDA)}
+_REGISTRY: dict[str, type[Poison]] = {c.name: c for c in (LSP, AR, OPS, EM, RandomNoise, ClasswiseNoise, TAP, CUDA, REM)}
 POISONS: tuple[str, ...] = tuple(_REGISTRY)
 
 
@@ -71,5 +71,5 @@ def poison_shards(inputs: Any, output: str, name: str, *, seed: int, **kwargs: A
     return _poison_shards(inputs, output, name, seed=seed, **kwargs)
 
 
-__all__ = ["AR", "CUDA", "EM", "LSP", "OPS", "POISONS", "TAP", "ClasswiseNoise", "Poison", "RandomNoise", "fit",
+__all__ = ["AR", "CUDA", "EM", "LSP", "OPS", "POISONS", "TAP", "ClasswiseNoise", "Poison", "REM", "RandomNoise", "fit",
            "generate", "get", "perturbation", "poison_shards"]

@@ -102,3 +102,36 @@ def linf_pgd(model: nn.Module, x: torch.Tensor, target: torch.Tensor, delta: tor
             delta = delta.clamp(-eps, eps)
             delta = (x + delta).clamp(0, 1) - x
     return delta.detach()
+
+
+def linf_ascent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, radius: float, step_size: float,
+                steps: int) -> torch.Tensor:
+    """rho that *maximises* CE(model(x + rho), y) in the L∞ ball of `radius` (zero start, signed steps; x + rho
+    kept in [0,1]): the adversary REM's noise must survive."""
+    rho = torch.zeros_like(x)
+    for _ in range(steps):
+        rho.requires_grad_(True)
+        loss = F.cross_entropy(model((x + rho).clamp(0, 1)), y)
+        (grad,) = torch.autograd.grad(loss, rho)
+        with torch.no_grad():
+            rho = (rho + step_size * grad.sign()).clamp(-radius, radius)
+            rho = (x + rho).clamp(0, 1) - x
+    return rho.detach()
+
+
+def robust_linf_pgd(model: nn.Module, x: torch.Tensor, target: torch.Tensor, delta: torch.Tensor, *, eps: float,
+                    step_size: float, steps: int, radius: float, adv_step_size: float,
+                    adv_steps: int) -> torch.Tensor:  # fmt: skip
+    """REM's noise step: signed-gradient steps that minimise CE(model(x + delta + rho*), target), rho* the
+    worst case in the L∞ ball of `radius` around x + delta (recomputed every step), delta projected to eps."""
+    delta = delta.clone()
+    for _ in range(steps):
+        rho = linf_ascent(model, (x + delta).clamp(0, 1), target, radius=radius, step_size=adv_step_size,
+                          steps=adv_steps)  # fmt: skip
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model((x + delta + rho).clamp(0, 1)), target)
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta = (delta - step_size * grad.sign()).clamp(-eps, eps)
+            delta = (x + delta).clamp(0, 1) - x
+    return delta.detach()

@@ -1,4 +1,4 @@
-"""EM: sample-wise error-minimising noise (Huang et al., ICLR 2021, "Unlearnable Examples").
+"""EM: sample-wise error-minimising noise (Huang et al., ICLR 2021, "Unlearnable Examples"), and REM.
 
 Bi-level min-min: alternate `train_steps` SGD steps of a surrogate on the perturbed data with
 `pgd_steps` signed-gradient steps of `step_size` per sample that *minimise* the surrogate's loss,
@@ -11,6 +11,12 @@ recorded in `config`.
 
 The perturbation of each sample is optimised during `fit` over the whole set and stored (int8, keyed by
 sample id); `apply` looks it up, so apply only to samples that were in the fit set.
+
+REM (Fu et al., ICLR 2022, "Robust unlearnable examples") is EM against an adversary: the surrogate is
+trained adversarially (PGD in an L∞ ball of `adv_radius`, 4/255 in the paper) on x + delta, and each noise
+step minimises the loss at the worst point within `adv_radius` of x + delta, so the noise survives adversarial
+training. Paper: adv_radius 4/255, 10 adversary steps of 0.8/255 (CUDA defaults here); CPU: 3 steps of
+2/255. (The paper also averages over random augmentations, EOT; not done here.)
 """
 from __future__ import annotations
 
@@ -23,8 +29,8 @@ import torch.nn.functional as F
 from ._base import Poison
 from ._common import check_positive, progress as progress_bar, quantise_linf, rng_for
 from ._keyed import KeyedPerturbations
-from ._surrogate import (SURROGATES, accuracy, batches, build_surrogate, linf_pgd, resolve_device, resolve_knobs,
-                         to_nchw)
+from ._surrogate import (SURROGATES, accuracy, batches, build_surrogate, linf_ascent, linf_pgd, resolve_device,
+                         resolve_knobs, robust_linf_pgd, to_nchw)
 
 
 @dataclass(frozen=True)
@@ -55,17 +61,32 @@ class EMConfig:
             raise ValueError(f"surrogate must be one of {SURROGATES}, got {self.surrogate!r}")
 
 
+@dataclass(frozen=True)
+class REMConfig(EMConfig):
+    adv_radius: float = 4 / 255  # the adversary's L∞ radius (REM's rho_a)
+    adv_steps: int | None = None  # cuda: 10 (paper), cpu: 3
+    adv_step_size: float | None = None  # cuda: 0.8/255 (paper), cpu: 2/255
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "adv_radius", check_positive("adv_radius", self.adv_radius))
+        if self.adv_steps is not None:
+            object.__setattr__(self, "adv_steps", check_positive("adv_steps", self.adv_steps, integer=True))
+        if self.adv_step_size is not None:
+            object.__setattr__(self, "adv_step_size", check_positive("adv_step_size", self.adv_step_size))
+
+
 class EM(Poison):
     name = "em"
     config_cls = EMConfig
     needs_data = True
+    _cpu: dict = dict(surrogate="small", width=16, pgd_steps=10, step_size=1.6 / 255)
+    _cuda: dict = dict(surrogate="resnet18", width=64, pgd_steps=20, step_size=0.8 / 255)
 
     def _fit(self, images, labels, keys, *, progress: bool) -> None:
         device = resolve_device(self.config.device)
-        self.config = cfg = resolve_knobs(self.config, device, cpu=dict(surrogate="small", width=16, pgd_steps=10,
-                                                                       step_size=1.6 / 255),
-                                          cuda=dict(surrogate="resnet18", width=64, pgd_steps=20,
-                                                    step_size=0.8 / 255))
+        self.config = cfg = resolve_knobs(self.config, device, cpu=self._cpu, cuda=self._cuda)
+        radius = getattr(cfg, "adv_radius", 0.0)  # REM: > 0
         x, y = to_nchw(images), torch.from_numpy(labels)
         n = len(x)
         gen = torch.Generator().manual_seed(self.seed)
@@ -75,20 +96,32 @@ class EM(Poison):
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
         order = _BatchStream(n, min(cfg.batch_size, n), rng_for(self.seed, "em/order"))
         self.history: list[dict[str, float]] = []
-        bar = progress_bar(range(cfg.max_rounds), enabled=progress, desc="em: rounds")
+        bar = progress_bar(range(cfg.max_rounds), enabled=progress, desc=f"{self.name}: rounds")
         for rnd in bar:
             model.train()
             for _ in range(cfg.train_steps):
                 idx = order.next()
                 xb = (x[idx] + delta[idx]).clamp(0, 1).to(device)
-                loss = F.cross_entropy(model(xb), y[idx].to(device))
+                yb = y[idx].to(device)
+                if radius:  # REM: the surrogate trains adversarially
+                    model.eval()
+                    xb = (xb + linf_ascent(model, xb, yb, radius=radius, step_size=cfg.adv_step_size,
+                                           steps=cfg.adv_steps)).clamp(0, 1)  # fmt: skip
+                    model.train()
+                loss = F.cross_entropy(model(xb), yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
             model.eval()
             for sl in batches(n, cfg.batch_size):
-                delta[sl] = linf_pgd(model, x[sl].to(device), y[sl].to(device), delta[sl].to(device),
-                                     eps=cfg.eps, step_size=cfg.step_size, steps=cfg.pgd_steps).cpu()
+                if radius:
+                    delta[sl] = robust_linf_pgd(model, x[sl].to(device), y[sl].to(device), delta[sl].to(device),
+                                                eps=cfg.eps, step_size=cfg.step_size, steps=cfg.pgd_steps,
+                                                radius=radius, adv_step_size=cfg.adv_step_size,
+                                                adv_steps=cfg.adv_steps).cpu()  # fmt: skip
+                else:
+                    delta[sl] = linf_pgd(model, x[sl].to(device), y[sl].to(device), delta[sl].to(device),
+                                         eps=cfg.eps, step_size=cfg.step_size, steps=cfg.pgd_steps).cpu()
             err = 1.0 - accuracy(model, x, y, cfg.batch_size, device, delta=delta)
             self.history.append({"round": rnd, "error": err})
             bar.set_postfix(error=f"{err:.4f}")
@@ -115,3 +148,12 @@ class _BatchStream:
         idx = self.perm[self.pos : self.pos + self.size]
         self.pos += self.size
         return torch.from_numpy(idx)
+
+
+class REM(EM):
+    """Robust error-minimising noise (see the module docstring)."""
+
+    name = "rem"
+    config_cls = REMConfig
+    _cpu = {**EM._cpu, "adv_steps": 3, "adv_step_size": 2 / 255}
+    _cuda = {**EM._cuda, "adv_steps": 10, "adv_step_size": 0.8 / 255}
