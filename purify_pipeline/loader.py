@@ -1,4 +1,5 @@
-"""Stream (purified) WebDataset shards into a PyTorch training loop: `ShardStream` and `ShardLoader`.
+"""Stream (purified) WebDataset shards into a PyTorch training loop: `ShardStream` and `ShardLoader`, built on
+the `webdataset` library (its `split_by_worker` and `WebLoader`), with this package's validated tar reader.
 
     loader = ShardLoader("out/train-{000000..000049}.tar", batch_size=128, shuffle_buffer=2000, seed=0,
                          augment=True, num_workers=2)          # rank/world_size: from torch.distributed or env
@@ -30,7 +31,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from purify_pipeline import shards
 from purify_pipeline.augment import random_crop_flip, to_float_nchw
@@ -168,9 +169,11 @@ class ShardStream(IterableDataset):
         return (x, y, [it[2] for it in items]) if self.with_keys else (x, y)
 
     def __iter__(self) -> Iterator[Any]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        mine = self.shards_for(worker, num_workers)
+        import webdataset as wds
+
+        _, _, worker, num_workers = wds.utils.pytorch_worker_info()
+        # node split by this stream's rank (explicit or resolved), then webdataset's split across DataLoader workers
+        mine = list(wds.split_by_worker(self.epoch_shards()[self.rank :: self.world_size]))
         stream_seed = [self.seed, self.epoch, self.rank, worker]
         rng = np.random.default_rng(stream_seed)
         samples = self._shuffled(self._samples(mine), rng)
@@ -225,9 +228,11 @@ class ShardLoader:
         self._epoch = int(epoch)
 
     def __iter__(self) -> Iterator[Any]:
+        import webdataset as wds
+
         self.stream.set_epoch(self._epoch)
         # Workers are started per epoch (persistent_workers=False) so each gets this epoch's stream copy.
-        dl = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                        persistent_workers=False)
+        dl = wds.WebLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                           persistent_workers=False)  # fmt: skip
         self._epoch += 1
         return iter(dl)
