@@ -225,8 +225,8 @@ def test_ray_train_classifier_job(ray_session, tmp_path: Path, rng: np.random.Ge
             urls.append(shards.write_shard(str(tmp_path / "data" / shards.shard_name(split, s)), rows).url)
         return urls
 
-    train_ds = ray.data.read_webdataset(write("train", 320))
-    test_ds = ray.data.read_webdataset(write("test", 100))
+    train_urls, test_urls = write("train", 320), write("test", 100)
+    train_ds, test_ds = ray.data.read_webdataset(train_urls), ray.data.read_webdataset(test_urls)
     cfg = ClassifierConfig.preset("tiny", num_classes=4, epochs=2, batch_size=16, whiten=True)
     out = train_classifier_ray(train_ds, test_ds, cfg, seed=0, num_workers=2, resources_per_worker={"CPU": 0.5},
                                image_column="png", label_column="cls", storage_path=str(tmp_path / "runs"))
@@ -236,6 +236,10 @@ def test_ray_train_classifier_job(ray_session, tmp_path: Path, rng: np.random.Ge
     assert out["test_samples"] == 100
     assert out["history"][1]["train_loss"] < out["history"][0]["train_loss"]
     assert out["test_acc"] > 0.5
+    # the same shards, the same recipe in one process: the streamed DDP job reaches its accuracy
+    tr, te = shards.load_arrays(train_urls, progress=False), shards.load_arrays(test_urls, progress=False)
+    local = train_classifier(tr.images, tr.labels, te.images, te.labels, cfg, seed=0, progress=False)
+    assert out["test_acc"] >= local["test_acc"] - 0.1, (out["test_acc"], local["test_acc"])
     ckpt = Path(out["checkpoint_path"])
     assert (ckpt / "model.safetensors").exists() and (ckpt / "metrics.json").exists()
 
