@@ -76,10 +76,11 @@ def _bad(rec: dict[str, Any], e: shards.ShardError) -> dict[str, Any]:
     return {"__pos__": rec["__pos__"], "__key__": rec["__key__"], ERROR_COL: str(e)}
 
 
-def load_good_arrays(urls: Sequence[str], cfg: PoisonJobConfig, on_error: str = "raise",
-                     progress: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:  # fmt: skip
+def load_good_arrays(urls: Sequence[str], cfg: PoisonJobConfig, on_error: str = "raise", progress: bool = False,
+                     num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:  # fmt: skip
     """(images, labels, keys) of every usable sample, for poisons fitted on the data; with on_error="skip" the
-    samples the writers will quarantine are left out, with "raise" the first one raises."""
+    samples the writers will quarantine are left out (labels outside [0, num_classes) too, when it is known),
+    with "raise" the first one raises."""
     from .._progress import progress as bar
 
     images, labels, keys = [], [], []
@@ -87,7 +88,7 @@ def load_good_arrays(urls: Sequence[str], cfg: PoisonJobConfig, on_error: str = 
     for url in bar(urls, enabled=progress, desc="load shards", unit="shard"):
         for rec in shards.iter_records(url, storage_options=cfg.storage_options):
             try:
-                _, img, lab = _check_sample(rec, url, cfg, size, None)
+                _, img, lab = _check_sample(rec, url, cfg, size, num_classes)
             except shards.ShardError:
                 if on_error == "raise":
                     raise
@@ -258,7 +259,7 @@ def poison_shards(
 
     # stage 1: fit once in the driver
     if poison_cls.needs_data:
-        images, labels, keys = load_good_arrays(urls, cfg, on_error, progress=progress)
+        images, labels, keys = load_good_arrays(urls, cfg, on_error, progress=progress, num_classes=num_classes)
         if num_classes is None:
             num_classes = int(labels.max()) + 1
         poison = fit_poison(name, images, labels, num_classes=num_classes, seed=seed, sample_ids=keys,
