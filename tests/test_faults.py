@@ -280,9 +280,10 @@ def test_cli_preflight_honours_on_error_and_fit_rejects_remote_out(tmp_path, che
 def test_poison_job_quarantines_with_skip_and_raises_shard_error(ray_session, tmp_path, faults):
     names = ["b-noext", "c-bad", "d-truncated", "e-empty"]
     urls = write_faults(tmp_path / "in", faults, names)
-    for poison in ("random", "ops"):  # ops is fitted on the data: on the usable samples only
+    em = dict(width=8, pgd_steps=2, step_size=4 / 255, train_steps=2, max_rounds=1, batch_size=64)  # seconds
+    for poison in ("random", "em"):  # em is fitted on the data: on the usable samples only
         m = poisons.poison_shards(urls, str(tmp_path / poison), poison, seed=0, num_classes=10, on_error="skip",
-                                  progress=False)  # fmt: skip
+                                  progress=False, **(em if poison == "em" else {}))  # fmt: skip
         for entry, name in zip(m["shards"], names):
             _, (n_in, n_out, n_q), reasons = faults[name]
             assert (entry["input_count"], entry["output_count"], len(entry["quarantined"])) == (n_in, n_out, n_q), name
