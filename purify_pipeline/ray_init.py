@@ -48,11 +48,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
     Local Ray gets at least 4 logical CPUs (oversubscribing a 2-core machine is fine; fewer slots make
     actor pools starve Ray Data's read tasks) and no dashboard. No-op when Ray is already initialised."""
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    if not DEBUG:
-        # Ray's C++ core worker writes benign "E" lines straight to the driver's stderr (e.g. "constructor
-        # arguments in the object store and max_restarts > 0" for an actor pool whose constructor gets an
-        # ObjectRef the driver keeps alive); real failures still surface as Python exceptions.
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     import ray
 
     global _STARTED

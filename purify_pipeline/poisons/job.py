@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -276,13 +277,18 @@ def poison_shards(
         ray.init()
     ref = ray.put(poison)
     ds = ray.data.from_items([{"index": i, "url": u} for i, u in enumerate(urls)], override_num_blocks=len(urls))
-    ds = ds.map_batches(
-        PoisonShardWriter,
-        fn_constructor_kwargs={"poison_ref": [ref], "config": cfg, "on_error": on_error},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(num_actors, len(urls)))),
-        num_cpus=actor_cpus,
-    )
+    with warnings.catch_warnings():  # max_restarts has no named parameter in map_batches yet
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = ds.map_batches(
+            PoisonShardWriter,
+            fn_constructor_kwargs={"poison_ref": [ref], "config": cfg, "on_error": on_error},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(num_actors, len(urls)))),
+            num_cpus=actor_cpus,
+            # no actor restarts: a restarted actor could not re-fetch the poison its constructor got by reference
+            # (Ray's core worker prints an error line for that combination); a failed job is simply re-run
+            max_restarts=0,
+        )
     ds.context.raise_original_map_exception = True  # a bad sample reaches the caller as its ShardError
     rows = sorted(ds.take_all(), key=lambda r: int(r["index"]))
     entries = [json.loads(str(r["entry"])) for r in rows]
