@@ -289,13 +289,17 @@ def audit_dataset(ds: Any, *, image_column: str | None = None, label_column: str
             rs.append(r)
             imgs.append(img)
             labs.append(shards.parse_label(batch[label_column][i], key=key))
-        return {"r": np.array(rs, dtype=np.uint64), "image": np.array(imgs, dtype=np.uint8).reshape(-1, *(imgs[0].shape if imgs else (0, 0, 3))),
-                "label": np.array(labs, dtype=np.int64)}  # fmt: skip
+        # raw bytes + shape: most batches sample no row, and a bytes column has one schema whatever the count
+        raw = np.empty(len(imgs), dtype=object)
+        raw[:] = [im.tobytes() for im in imgs]
+        return {"r": np.array(rs, dtype=np.uint64), "image": raw, "h": np.array([im.shape[0] for im in imgs], np.int64),
+                "w": np.array([im.shape[1] for im in imgs], np.int64), "label": np.array(labs, dtype=np.int64)}  # fmt: skip
 
     got = [b for b in ds.map_batches(sample, batch_format="numpy").iter_batches(batch_format="numpy") if len(b["r"])]
     r = np.concatenate([b["r"] for b in got])
     order = np.argsort(r, kind="stable")
-    images = np.concatenate([b["image"] for b in got])[order]
+    images = np.stack([np.frombuffer(x, np.uint8).reshape(h, w, 3) for b in got
+                       for x, h, w in zip(b["image"], b["h"], b["w"])])[order]  # fmt: skip
     labels = np.concatenate([b["label"] for b in got])[order]
     k = num_classes if num_classes is not None else int(labels.max()) + 1
     return audit(images, labels, num_classes=k, seed=seed, max_images=None, thresholds=thresholds)

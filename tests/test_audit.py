@@ -95,6 +95,8 @@ def test_audit_shards_sample_is_order_free_and_ray_agrees(tmp_path, clean_twin, 
 
     ds = ray.data.read_webdataset(shards.expand(urls), decoder=None)  # any Ray Dataset with keys, images, labels
     ds_r = A.audit_dataset(ds, max_images=500, seed=3)
+    few = A.audit_dataset(ds, max_images=40, seed=3)  # most batches hold no sampled row
+    assert few.n_images == 40 and few.score == A.audit_shards(urls, max_images=40, seed=3).score
     for r in (reverse, ray_r, ds_r):
         assert (r.score, r.pixel_acc, r.texture_acc, r.class_counts) == (serial.score, serial.pixel_acc,
                                                                         serial.texture_acc, serial.class_counts)
