@@ -50,11 +50,17 @@ from purify_pipeline.defenses import apply_defense  # noqa: E402
 from purify_pipeline.models import DVAE  # noqa: E402
 from purify_pipeline.fit import fit_two_stage  # noqa: E402
 from purify_pipeline.purifier import Purifier  # noqa: E402
-from purify_pipeline.train import fit_stage  # noqa: E402
+from purify_pipeline.train import cpu_has_native_bf16, fit_stage  # noqa: E402
 from purify_pipeline.train_classifier import train_classifier  # noqa: E402
 
 DEFENSES = {"jpeg10": ("jpeg", {"quality": 10}), "grayscale": ("grayscale", {}), "bdr": ("bdr", {"bits": 2})}
 PAPER_EPOCHS = 60
+
+
+def use_bf16(device: str) -> bool:
+    """bf16 autocast where it is a real gain: a CUDA GPU, or a CPU with native bfloat16 (emulated bf16 on an AVX2
+    CPU is ~10x slower than fp32, which would turn the CPU smoke run into many minutes)."""
+    return str(device).startswith("cuda") or cpu_has_native_bf16()
 
 
 def emit(out: Path, record: dict[str, Any]) -> None:
@@ -89,8 +95,7 @@ def prepare(args: argparse.Namespace, work: Path, out: Path) -> None:
     """Clean train/test arrays and the poisoned training set, as .npz files the job processes read."""
     limit = 1024 if args.smoke else args.limit
     t0 = time.perf_counter()
-    train = shards.load_arrays(str(Path(args.data) / "train-*.tar"), progress=False)
-    test = shards.load_arrays(str(Path(args.data) / "test-*.tar"), progress=False)
+    train, test = _load_split(args.data, "train", limit), _load_split(args.data, "test", limit)
     if limit:
         train = shards.ShardArrays(train.images[:limit], train.labels[:limit], train.keys[:limit], train.urls[:limit])
         test = shards.ShardArrays(test.images[:limit], test.labels[:limit], test.keys[:limit], test.urls[:limit])
@@ -111,6 +116,20 @@ def prepare(args: argparse.Namespace, work: Path, out: Path) -> None:
                "poison_overrides": budget, "poison_config": _config_dict(p)})  # fmt: skip
 
 
+def _load_split(data: str, split: str, limit: int | None) -> shards.ShardArrays:
+    """The split's shards in order, stopping once `limit` images are read (a smoke run needs two shards)."""
+    urls = shards.expand(str(Path(data) / f"{split}-*.tar"))
+    if limit:
+        n, keep = 0, []
+        for u in urls:
+            keep.append(u)
+            n += sum(1 for _ in shards.iter_samples(u))
+            if n >= limit:
+                break
+        urls = keep
+    return shards.load_arrays(urls, progress=False)
+
+
 def load(work: Path) -> dict[str, np.ndarray]:
     z = np.load(work / "data.npz")
     return {k: z[k] for k in z.files}
@@ -123,7 +142,10 @@ def probe(args: argparse.Namespace, d: dict[str, np.ndarray], out: Path) -> dict
     x, y = d["poisoned"][:n], d["labels"][:n]
     cfg = dvae_config(PAPER_EPOCHS, args.smoke)
     res: dict[str, float] = {}
+    fast = "bf16" if use_bf16(dev) else "fp32"  # the precision the jobs train in
     for name, amp in (("dvae_train_bf16_img_s", torch.bfloat16), ("dvae_train_fp32_img_s", None)):
+        if amp is not None and fast == "fp32":
+            continue
         torch.manual_seed(0)
         m = DVAE(cfg)
         h = fit_stage(m, x, y, tau=cfg.tau1, epochs=2, cfg=cfg, device=dev, progress=False, autocast_dtype=amp)
@@ -139,6 +161,8 @@ def probe(args: argparse.Namespace, d: dict[str, np.ndarray], out: Path) -> dict
     xt = torch.from_numpy(x[:1024]).permute(0, 3, 1, 2).float().div(255).to(dev)
     yt = torch.from_numpy(y[:1024]).long().to(dev)
     for label, amp in (("fp32", False), ("bf16", True)):
+        if amp and fast == "fp32":
+            continue
         with torch.no_grad(), torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=amp):
             pur.purify_torch(xt, yt, generator=torch.Generator(device=dev).manual_seed(0))
             if dev.startswith("cuda"):
@@ -150,9 +174,10 @@ def probe(args: argparse.Namespace, d: dict[str, np.ndarray], out: Path) -> dict
                 torch.cuda.synchronize()
         res[f"purify_torch_b1024_{label}_img_s"] = 10 * len(xt) / (time.perf_counter() - t0)
     ccfg = ClassifierConfig.preset("paper", epochs=2, width=8 if args.smoke else 64)
-    r = train_classifier(x, y, d["test"][:1000], d["test_labels"][:1000], ccfg, device=dev, bf16=True,
+    r = train_classifier(x, y, d["test"][:1000], d["test_labels"][:1000], ccfg, device=dev, bf16=fast == "bf16",
                          progress=False)
-    res["resnet18_train_bf16_img_s"] = n / r["history"][-1]["epoch_seconds"]
+    res[f"resnet18_train_{fast}_img_s"] = n / r["history"][-1]["epoch_seconds"]
+    res["jobs_precision"] = fast
     emit(out, {"kind": "probe", **res})
     return res
 
@@ -163,8 +188,9 @@ def plan(args: argparse.Namespace, pr: dict[str, float], n: int) -> tuple[int, l
     Priority: the D-VAE cell at the paper's 60+60 epochs, then `none`, `clean`, `jpeg10`, `grayscale`; the D-VAE
     gets fewer epochs only if it alone (fit + its classifier) would not fit.
     """
-    clf_s = args.clf_epochs * n / pr["resnet18_train_bf16_img_s"]
-    epoch_s = 2 * n / pr["dvae_train_bf16_img_s"]  # one epoch of each stage
+    fast = pr.get("jobs_precision", "bf16")
+    clf_s = args.clf_epochs * n / pr[f"resnet18_train_{fast}_img_s"]
+    epoch_s = 2 * n / pr[f"dvae_train_{fast}_img_s"]  # one epoch of each stage
     spare = args.budget_s - clf_s
     epochs = PAPER_EPOCHS if spare >= PAPER_EPOCHS * epoch_s else max(5, int(spare // epoch_s))
     jobs = ["dvae"]
@@ -192,12 +218,12 @@ def classify(args: argparse.Namespace, d: dict[str, np.ndarray], x: np.ndarray, 
 
     poison = "clean" if defense == "clean" else args.poison
     r = train_classifier(x, d["labels"], d["test"], d["test_labels"], cfg, seed=args.seed, device=args.device,
-                         bf16=True, progress=False, on_epoch_end=tick)  # fmt: skip
+                         bf16=use_bf16(args.device), progress=False, on_epoch_end=tick)  # fmt: skip
     delta = (d["poisoned"].astype(np.float64) - d["clean"]) / 255.0
     cell = {"kind": "cell", "tier": "paper", "poison": poison, "defense": "none" if defense == "clean" else defense,
             "seed": args.seed, "test_acc": 100.0 * r["test_acc"], "train_seconds": r["train_seconds"],
             "torch_threads": torch.get_num_threads(),
-            "classifier_epochs": cfg.epochs, "bf16": True, "train_images": len(x), "device": args.device,
+            "classifier_epochs": cfg.epochs, "bf16": use_bf16(args.device), "train_images": len(x), "device": args.device,
             "psnr_vs_clean": psnr(x, d["clean"]) if defense != "clean" else None,
             "retention": retention(x, d["clean"], delta) if defense != "clean" else None, **(extra or {})}  # fmt: skip
     emit(out, cell)
@@ -225,7 +251,8 @@ def job(args: argparse.Namespace) -> None:
     elif name == "dvae":
         cfg = dvae_config(args.dvae_epochs, args.smoke)
         t0 = time.perf_counter()
-        pur = fit_two_stage(d["poisoned"], d["labels"], cfg, device=args.device, progress=False, bf16=True)
+        pur = fit_two_stage(d["poisoned"], d["labels"], cfg, device=args.device, progress=False,
+                            bf16=use_bf16(args.device))
         fit_s = time.perf_counter() - t0
         hist = {k: [{m: round(float(e[m]), 5) for m in ("loss", "kl", "seconds") if m in e} for e in v]
                 for k, v in pur.metrics.items()}  # fmt: skip
@@ -241,7 +268,7 @@ def job(args: argparse.Namespace) -> None:
         np.savez(out / "samples.npz", clean=d["clean"][:k], poisoned=d["poisoned"][:k], dvae=x[:k],
                  stage1=pur.purify(d["poisoned"][:k], d["labels"][:k], stages=1))
         classify(args, d, x, "dvae", out, extra={"dvae_preset": cfg.preset_name, "dvae_epochs": cfg.epochs,
-                                                 "dvae_fit_s": fit_s, "dvae_bf16": True})
+                                                 "dvae_fit_s": fit_s, "dvae_bf16": use_bf16(args.device)})
     else:
         raise SystemExit(f"unknown job {name!r}")
 

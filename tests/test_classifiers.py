@@ -227,18 +227,22 @@ def test_ray_train_classifier_job(ray_session, tmp_path: Path, rng: np.random.Ge
 
     train_urls, test_urls = write("train", 320), write("test", 100)
     train_ds, test_ds = ray.data.read_webdataset(train_urls), ray.data.read_webdataset(test_urls)
-    cfg = ClassifierConfig.preset("tiny", num_classes=4, epochs=2, batch_size=16, whiten=True)
+    # 8 epochs of batch 32 at lr 0.05: the in-process run reached 100% for 5 data seeds x 2 orders (the tiny
+    # preset's lr 0.2 over 2 epochs of batch 16 collapsed a class in some orders, so either run fell 15-30
+    # points short by chance); Ray Train's start-up, not the epochs, is this test's cost
+    cfg = ClassifierConfig.preset("tiny", num_classes=4, epochs=8, batch_size=32, lr=0.05, whiten=True)
     out = train_classifier_ray(train_ds, test_ds, cfg, seed=0, num_workers=2, resources_per_worker={"CPU": 0.5},
                                image_column="png", label_column="cls", storage_path=str(tmp_path / "runs"))
     assert out["world_size"] == 2
-    assert [m["epoch"] for m in out["history"]] == [0, 1]
+    assert [m["epoch"] for m in out["history"]] == list(range(8))
     assert out["history"][0]["train_samples"] == 320  # both workers' shards together: every image once
     assert out["test_samples"] == 100
-    assert out["history"][1]["train_loss"] < out["history"][0]["train_loss"]
+    assert out["history"][-1]["train_loss"] < out["history"][0]["train_loss"]
     assert out["test_acc"] > 0.5
     # the same shards, the same recipe in one process: the streamed DDP job reaches its accuracy
     tr, te = shards.load_arrays(train_urls, progress=False), shards.load_arrays(test_urls, progress=False)
     local = train_classifier(tr.images, tr.labels, te.images, te.labels, cfg, seed=0, progress=False)
+    print(f"test accuracy: Ray Train DDP {out['test_acc']:.3f}, in process {local['test_acc']:.3f}")
     assert out["test_acc"] >= local["test_acc"] - 0.1, (out["test_acc"], local["test_acc"])
     ckpt = Path(out["checkpoint_path"])
     assert (ckpt / "model.safetensors").exists() and (ckpt / "metrics.json").exists()
