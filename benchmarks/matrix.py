@@ -109,7 +109,8 @@ def _dvae(cache: Path, name: str, poisoned: np.ndarray, clean: shards.ShardArray
                      use_gpu=args.device.startswith("cuda"), storage_path=str(root / "runs"), run_name="fit", bf16=args.dvae_bf16,
                      progress=not args.quiet)  # fmt: skip
     purify_shards(str(src / "train-*.tar"), str(root / "purified"), str(ckpt), mode="sample", seed=0,
-                  num_gpus=1 if args.device.startswith("cuda") else 0, progress=not args.quiet)  # fmt: skip
+                  num_gpus=1 if args.device.startswith("cuda") else 0, progress=not args.quiet,
+                  bf16=args.dvae_bf16)  # fmt: skip
     out = shards.load_arrays(str(root / "purified" / "purified-*.tar"), progress=False)
     assert out.keys == clean.keys, "purified shards lost or reordered samples"
     if not (root / "seconds.json").exists():  # first (real) fit + purify only; cached re-runs take seconds
@@ -250,7 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--extra-seed-defenses", nargs="+", default=["none", "dvae"],
                     help="defenses run with every seed; the others with the first seed only")
     ap.add_argument("--dvae-preset")
-    ap.add_argument("--dvae-bf16", action="store_true", help="fit the D-VAE with bfloat16 autocast (GPU or AMX CPU)")
+    ap.add_argument("--dvae-bf16", action="store_true",
+                    help="fit and apply the D-VAE with bfloat16 autocast (GPU or AMX CPU)")
+    ap.add_argument("--no-clean", action="store_true", help="leave out the clean-training row (already measured)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache", default=None)
     ap.add_argument("--out", default=None)
@@ -273,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     test = _load(data, tier["test"], tier["limit"])
     clf = ClassifierConfig.preset(tier["classifier"])
     preset = args.dvae_preset or tier["dvae"]
-    for s in args.seeds:
+    for s in [] if args.no_clean else args.seeds:
         run_cell(cache, "clean", "none", s, clean.images, clean, None, test, clf, args)
     for name in args.poisons or tier["poisons"]:
         poisoned, delta = _poisoned(cache, name, clean)

@@ -34,7 +34,7 @@ from .models import DVAE
 from .purifier import Purifier, data_fingerprint, validate_batch
 from .shards import ShardError
 from .train import (array_batches, fit_stage, make_optimizer, recover_train_state, replace_dir, resume_stage,
-                    save_train_state)
+                    save_train_state, use_channels_last)
 
 __all__ = ["fit_one_stage", "fit_purifier", "fit_two_stage", "load_training_arrays", "rank_batches", "training_dataset"]
 
@@ -179,6 +179,8 @@ def fit_one_stage(images: np.ndarray, labels: np.ndarray, cfg: DVAEConfig, stage
     epochs, tau = cfg.epochs_for(stage), cfg.tau(stage)
     torch.manual_seed(cfg.seed + 1000 * stage)
     model = DVAE(cfg).to(sess.device)  # before the optimizer, so restored Adam moments land on the model's device
+    if use_channels_last(sess.device):
+        model.to(memory_format=torch.channels_last)  # before DDP wraps it (fit_stage leaves a wrapped model as it is)
     opt, sched = make_optimizer(model, cfg, epochs)
     restore = sess.restore_dir()
     start, history, tau = resume_stage(restore, model, opt, sched, tau)
@@ -391,7 +393,8 @@ def fit_purifier(
     so = dict(storage_options or {})
     urls = shards.expand(train_shards, storage_options=so)
     cfg, names = _resolve(preset, urls, num_classes, class_names, so)
-    ident = hashlib.sha256(json.dumps([urls, cfg.to_dict()] + (["bf16"] if bf16 else []), sort_keys=True).encode()).hexdigest()[:10]
+    how = (["bf16"] if bf16 else []) + (["channels_last"] if use_channels_last("cuda" if use_gpu else "cpu") else [])
+    ident = hashlib.sha256(json.dumps([urls, cfg.to_dict()] + how, sort_keys=True).encode()).hexdigest()[:10]
     run_name = run_name or f"fit-{ident}"
     if not resume:
         run_name = f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"

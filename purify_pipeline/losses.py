@@ -39,7 +39,7 @@ def dvae_loss(
     assert out.x_hat is not None and out.p_hat is not None
     rec = torch.mean((out.x_hat - x) ** 2)
     rec_p = torch.mean((torch.clamp(out.x_hat + out.p_hat, 0.0, 1.0) - x) ** 2)
-    kl = kl_per_position(out.mu, out.logvar)
+    kl = out.kl if out.kl is not None else kl_per_position(out.mu, out.logvar)  # the model's fused KL when sampled
     rate = kl_weight * torch.clamp(kl, min=tau)
     energy = torch.mean(out.p_hat**2)
     loss = rec + rec_p + rate

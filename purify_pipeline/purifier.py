@@ -18,7 +18,7 @@ from ._progress import progress as _progress
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import DVAEConfig
 from .models import DVAE
-from .train import to_float_nchw
+from .train import to_float_nchw, use_channels_last, warn_if_emulated_bf16
 
 MODES = ("sample", "mean")
 
@@ -143,22 +143,29 @@ class Purifier:
         return self._fingerprint
 
     def to(self, device: str | torch.device) -> "Purifier":
+        """Move both stages to `device`; on a CPU they run in channels-last layout (`train.use_channels_last`)."""
         self.device = torch.device(device)
-        self.stage1.to(self.device)
-        self.stage2.to(self.device)
+        self._format = torch.channels_last if use_channels_last(self.device) else torch.contiguous_format
+        for m in (self.stage1, self.stage2):
+            m.to(self.device, memory_format=self._format)
         return self
 
     # ---- purification ----
     @torch.no_grad()
     def purify_torch(self, x: Tensor, y: Tensor, *, mode: str = "sample", eps: Tensor | None = None,
-                     generator: torch.Generator | None = None, stages: int = 2) -> Tensor:  # fmt: skip
+                     generator: torch.Generator | None = None, stages: int = 2, bf16: bool = False) -> Tensor:  # fmt: skip
         """Fused no-grad purification of a float NCHW batch already on the device; returns float NCHW in [0, 1].
 
         eps: optional noise (N, 3, *latent) for the three passes; otherwise drawn from `generator`.
+        bf16: bfloat16 autocast for the three forward passes (a GPU, or a CPU with AMX / AVX512-BF16).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if bf16:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                return self.purify_torch(x, y, mode=mode, eps=eps, generator=generator, stages=stages).float()
         sample = mode == "sample"
+        x = x.contiguous(memory_format=self._format)
 
         def noise(i: int) -> Tensor | None:
             return None if eps is None else eps[:, i].to(x.device, non_blocking=True)
@@ -173,14 +180,16 @@ class Purifier:
 
     def purify(self, images: np.ndarray, labels: np.ndarray, *, mode: str = "sample", seed: int = 0,
                sample_ids: np.ndarray | None = None, batch_size: int = 256, progress: bool = False,
-               stages: int = 2) -> np.ndarray:  # fmt: skip
+               stages: int = 2, bf16: bool = False) -> np.ndarray:  # fmt: skip
         """Purify uint8 NHWC images with their labels; uint8 NHWC out (rounded).
 
         In "sample" mode each image's latent noise depends only on (seed, sample_id); sample_ids default to the
         position in `images`, so pass stable ids (e.g. hashes of keys) to make results independent of batching.
+        bf16: bfloat16 autocast (`purify_torch`); emulated, and slower, on CPUs without native bf16 (it warns).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        warn_if_emulated_bf16(self.device, bf16)
         images, labels = validate_batch(images, labels, num_classes=self.num_classes, image_size=self.image_size)
         if sample_ids is None:
             sample_ids = np.arange(len(images))
@@ -193,7 +202,7 @@ class Purifier:
             x = to_float_nchw(images[sl]).to(self.device)
             y = torch.from_numpy(labels[sl]).to(self.device)
             eps = sample_noise(seed, sample_ids[sl], shape, device=self.device) if mode == "sample" else None
-            xp = self.purify_torch(x, y, mode=mode, eps=eps, stages=stages)
+            xp = self.purify_torch(x, y, mode=mode, eps=eps, stages=stages, bf16=bf16)
             out[sl] = torch.round(xp * 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return out
 

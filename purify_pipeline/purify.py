@@ -148,7 +148,8 @@ def read_shards(batch: dict[str, np.ndarray], *, on_error: str = "raise", chunk_
 def _settings(stage: PurifyStage, prefix: str) -> dict[str, Any]:
     c = stage.config
     return {"prefix": prefix, "mode": c.mode, "seed": c.seed, "image_column": c.image_column,
-            "label_column": c.label_column, "resize": c.resize, "stages": c.stages}  # fmt: skip
+            "label_column": c.label_column, "resize": c.resize, "stages": c.stages,
+            **({"bf16": True} if c.bf16 else {})}  # fmt: skip
 
 
 def _done_shards(manifest: dict | None, urls: list[str], output: str, fingerprint: str, settings: dict,
@@ -356,6 +357,7 @@ def purify_shards(
     stages: int = 2,
     check_keys: bool = True,
     audit: bool = False,
+    bf16: bool = False,
 ) -> PurifySummary:
     """Purify WebDataset shards with a D-VAE checkpoint; write ``<output>/<prefix>-NNNNNN.tar`` + manifest.
 
@@ -377,7 +379,7 @@ def purify_shards(
     audit=True records the learnability audit (`audit.audit_shards`, <= 10k sampled images, ~1 min on 2 cores each)
     of the inputs and of the output in the manifest and the summary: "shortcut score 0.95 -> 0.36".
     stages=1 writes the stage-1 output only (used by `fit_purifier` to build stage 2's training set).
-    actors/num_cpus/num_gpus/threads/batch_size as in ``PurifyStage``; read_num_cpus: CPUs per read task.
+    actors/num_cpus/num_gpus/threads/batch_size/bf16 as in ``PurifyStage``; read_num_cpus: CPUs per read task.
     Returns a `PurifySummary` (also printed when progress is shown).
     """
     import ray
@@ -395,7 +397,7 @@ def purify_shards(
                         batch_size=batch_size, actors=actors, num_gpus=num_gpus, num_cpus=num_cpus, mode=mode,
                         seed=seed, on_error="skip", resize=resize, threads=threads, storage_options=so,
                         quarantine_column=ERROR_COL, output_format="png", stages=stages,
-                        reserve_cpus=read_num_cpus)  # fmt: skip
+                        reserve_cpus=read_num_cpus, bf16=bf16)  # fmt: skip
     settings = _settings(stage, prefix)
     fs, out_path = shards.fs_path(output, so)
     if shards.is_local(fs):

@@ -60,6 +60,46 @@ def test_kl_matches_hand_computation():
     assert kl_per_position(mu.repeat(1, 2, 1, 1), logvar.repeat(1, 2, 1, 1)).item() == pytest.approx(2 * want, rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_sampling_and_kl_match_autograd_of_the_reference(dtype):
+    """The model's fused z = mu + sigma * eps and KL (one op with its own backward) against autograd through the
+    textbook formulas (`kl_per_position`): same values and same gradients for mu and logvar."""
+    from purify_pipeline.models.dvae import sample_with_kl
+
+    g = torch.Generator().manual_seed(0)
+    mu0 = torch.randn(3, 16, 4, 5, generator=g).to(dtype)
+    lv0 = (0.5 * torch.randn(3, 16, 4, 5, generator=g)).to(dtype)
+    eps = torch.randn(3, 16, 4, 5, generator=g)
+    gz, gkl = torch.randn(3, 16, 4, 5, generator=g), 0.7
+    grads = []
+    for fused in (True, False):
+        mu, lv = mu0.clone().requires_grad_(), lv0.clone().requires_grad_()
+        if fused:
+            z, kl = sample_with_kl(mu, lv, eps)
+        else:
+            m, v = mu.float(), lv.float()
+            z, kl = m + torch.exp(0.5 * v) * eps, kl_per_position(m, v)
+        ((z * gz).sum() + gkl * kl).backward()
+        grads.append((z.detach(), kl.detach(), mu.grad, lv.grad))
+    (z1, kl1, dmu1, dlv1), (z2, kl2, dmu2, dlv2) = grads
+    assert z1.dtype == torch.float32 and dmu1.dtype == dtype and dlv1.dtype == dtype
+    torch.testing.assert_close(z1, z2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kl1, kl2, rtol=1e-5, atol=1e-5)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(dmu1, dmu2, **tol)
+    torch.testing.assert_close(dlv1, dlv2, **tol)
+
+
+def test_the_model_returns_the_fused_kl_only_when_sampling_with_gradients():
+    m = DVAE(DVAEConfig.preset("tiny"))
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 1])
+    out = m(x, y)
+    torch.testing.assert_close(out.kl, kl_per_position(out.mu, out.logvar), rtol=1e-5, atol=1e-5)
+    assert m(x, y, sample=False).kl is None
+    with torch.no_grad():
+        assert m(x, y).kl is None
+
+
 def _grads_of_rate(kl_scale: float, tau: float) -> torch.Tensor:
     mu = torch.full((2, 8, 4, 4), kl_scale, requires_grad=True)
     logvar = torch.zeros(2, 8, 4, 4)

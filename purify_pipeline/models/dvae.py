@@ -10,7 +10,7 @@ spatial map of side <= 16; 32 px is exactly the paper's network.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,44 @@ class DVAEOutput(NamedTuple):
     p_hat: Tensor | None  # estimated perturbation (signed)
     mu: Tensor
     logvar: Tensor
+    kl: Tensor | None = None  # KL to N(0, I) in nats per latent position (fp32), when sampled with gradients on
+
+
+class _SampleWithKL(torch.autograd.Function):
+    """z = mu + exp(logvar / 2) * eps and KL(q(z|x) || N(0, I)) summed over channels, averaged over positions and
+    batch (`losses.kl_per_position`), with a hand-written backward.
+
+    On the 256-channel latent the element-wise reparameterisation and KL are ~40% of a CPU training step under
+    autograd (some twenty passes over a tensor larger than the image batch, plus the dtype casts of bf16
+    autocast); here they are six passes forward and six backward, in fp32 whatever the input dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+        m, lv = mu.float(), logvar.float()
+        std = lv.mul(0.5).exp_()
+        z = torch.addcmul(m, std, eps.float())
+        positions = m.numel() // m.shape[1]
+        # 0.5 * sum(mu^2 + sigma^2 - 1 - logvar) / positions, each sum one pass in any memory layout
+        sq = torch.linalg.vector_norm(m).square() + torch.linalg.vector_norm(std).square()
+        kl = (sq - lv.sum()) * (0.5 / positions) - 0.5 * m.shape[1]
+        ctx.save_for_backward(m, std, eps)
+        ctx.positions, ctx.dtypes = positions, (mu.dtype, logvar.dtype)
+        return z, kl
+
+    @staticmethod
+    def backward(ctx: Any, gz: Tensor, gkl: Tensor) -> tuple[Tensor, Tensor, None]:
+        m, std, eps = ctx.saved_tensors
+        c = (gkl / ctx.positions).to(m.dtype)  # a 0-dim tensor: no host sync on an accelerator
+        dmu = torch.addcmul(gz, m, c)  # dz/dmu = 1, dKL/dmu = mu / positions
+        # dz/dlogvar = eps * std / 2, dKL/dlogvar = (sigma^2 - 1) / (2 * positions)
+        dlv = torch.mul(gz, eps).addcmul_(std, c).mul_(std).sub_(c).mul_(0.5)
+        return dmu.to(ctx.dtypes[0]), dlv.to(ctx.dtypes[1]), None
+
+
+def sample_with_kl(mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """(z, KL per latent position) in one fused op with its own backward (see `_SampleWithKL`)."""
+    return _SampleWithKL.apply(mu, logvar, eps)
 
 
 class BasicBlock(nn.Module):
@@ -119,16 +157,20 @@ class DVAE(nn.Module):
         """x: float NCHW in [0, 1]; y: long (N,). `eps` (N, *latent_shape) overrides the noise draw."""
         s = self.encoder(x)
         mu, logvar = self.to_mu(s), self.to_logvar(s)
+        kl = None
         if sample:
             if eps is None:
-                eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-            z = mu + torch.exp(0.5 * logvar) * eps
+                eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=torch.float32)
+            if torch.is_grad_enabled():
+                z, kl = sample_with_kl(mu, logvar, eps)
+            else:
+                z = mu + torch.exp(0.5 * logvar) * eps.to(mu.dtype)
         else:
             z = mu
         h = self.from_z(z)
         x_hat = self.decoder(h) if decode_x else None
         p_hat = self.perturbation_decoder(h + self.embed(y)) if decode_p else None
-        return DVAEOutput(x_hat, p_hat, mu, logvar)
+        return DVAEOutput(x_hat, p_hat, mu, logvar, kl)
 
 
 def count_parameters(model: nn.Module) -> int:
