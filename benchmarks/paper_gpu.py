@@ -78,10 +78,14 @@ def clf_config(args: argparse.Namespace) -> ClassifierConfig:
         ClassifierConfig.preset("paper", epochs=args.clf_epochs)
 
 
-def dvae_config(epochs: int, smoke: bool) -> DVAEConfig:
+def dvae_config(epochs: int, smoke: bool, seed: int = 0) -> DVAEConfig:
+    """The paper preset (fewer epochs if asked); `seed` > 0 is another D-VAE fit (init, shuffling, noise)."""
+    kw: dict[str, Any] = {"seed": seed} if seed else {}
     if smoke:
-        return DVAEConfig.preset("paper", width=8, latent_channels=32, epochs=1)
-    return DVAEConfig.preset("paper") if epochs == PAPER_EPOCHS else DVAEConfig.preset("paper", epochs=epochs)
+        return DVAEConfig.preset("paper", width=8, latent_channels=32, epochs=1, **kw)
+    if epochs != PAPER_EPOCHS:
+        kw["epochs"] = epochs
+    return DVAEConfig.preset("paper", **kw)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -249,7 +253,7 @@ def job(args: argparse.Namespace) -> None:
         kind, kw = DEFENSES[name]
         classify(args, d, apply_defense(kind, d["poisoned"], **kw), name, out)
     elif name == "dvae":
-        cfg = dvae_config(args.dvae_epochs, args.smoke)
+        cfg = dvae_config(args.dvae_epochs, args.smoke, seed=args.seed)  # seed 1: a second fit, a second classifier
         t0 = time.perf_counter()
         pur = fit_two_stage(d["poisoned"], d["labels"], cfg, device=args.device, progress=False,
                             bf16=use_bf16(args.device))
@@ -267,7 +271,7 @@ def job(args: argparse.Namespace) -> None:
         k = 8
         np.savez(out / "samples.npz", clean=d["clean"][:k], poisoned=d["poisoned"][:k], dvae=x[:k],
                  stage1=pur.purify(d["poisoned"][:k], d["labels"][:k], stages=1))
-        classify(args, d, x, "dvae", out, extra={"dvae_preset": cfg.preset_name, "dvae_epochs": cfg.epochs,
+        classify(args, d, x, "dvae", out, extra={"dvae_preset": cfg.preset_name, "dvae_epochs": cfg.epochs, "dvae_seed": cfg.seed,
                                                  "dvae_fit_s": fit_s, "dvae_bf16": use_bf16(args.device)})
     else:
         raise SystemExit(f"unknown job {name!r}")

@@ -73,3 +73,29 @@ def test_paper_gpu_poison_overrides_are_applied_and_recorded(cifar10_dir: Path, 
                           str(tmp_path / "report")], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert rep.returncode == 0, rep.stderr[-2000:]
     assert "poison settings changed from the paper's" in (tmp_path / "report" / "matrix.md").read_text()
+
+
+def test_campaign_runs_the_first_missing_step_and_the_next_call_continues(cifar10_dir: Path, tmp_path: Path) -> None:
+    """benchmarks/campaign.py: from the committed cells it picks the first missing step (AR's D-VAE and undefended
+    rows here), runs it through paper_gpu.py (smoke widths on the CPU), and a second call, reading that step's
+    results.jsonl, plans the next step (AR's second seed) instead of repeating it."""
+    script = SCRIPT.parent / "campaign.py"
+    committed = tmp_path / "committed"
+    committed.mkdir()
+    (committed / "run1.jsonl").write_text(json.dumps({"kind": "cell", "poison": "em", "defense": "dvae", "seed": 0,
+                                                      "dvae_epochs": 15}) + "\n" + json.dumps(
+        {"kind": "cell", "poison": "em", "defense": "none", "seed": 0}) + "\n")  # fmt: skip
+    common = ["--committed", str(committed), "--out", str(tmp_path / "out"), "--poisons", "em", "ar",
+              "--data", str(cifar10_dir)]  # fmt: skip
+    run = subprocess.run([sys.executable, str(script), *common, "--smoke", "--device", "cpu", "--max-steps", "1",
+                          "--min-step-s", "0"], capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    first = json.loads(run.stdout.splitlines()[0])["next"]
+    assert first == {"name": "ar-s0", "poison": "ar", "jobs": ["dvae", "none"], "seed": 0, "dvae_epochs": None}
+    recs = [json.loads(x) for x in (tmp_path / "out" / "ar-s0" / "results.jsonl").read_text().splitlines()]
+    assert {(r["poison"], r["defense"], r["seed"]) for r in recs if r["kind"] == "cell"} == {("ar", "dvae", 0),
+                                                                                               ("ar", "none", 0)}
+    plan = subprocess.run([sys.executable, str(script), *common, "--plan"], capture_output=True, text=True, timeout=60)
+    assert plan.returncode == 0, plan.stderr
+    nxt = json.loads(plan.stdout.splitlines()[0])["next"]
+    assert nxt["name"] == "em-s1" and nxt["seed"] == 1 and nxt["jobs"] == ["dvae"]  # committed EM, then AR's
