@@ -9,7 +9,7 @@ The data flow, one module each:
     fit         Ray Train job fitting both stages             fit_purifier(shards, output=...)
     stage       Ray Data map stage                            ds = PurifyStage(ckpt)(ds)
     purify      shards in -> purified shards out (Ray Data)   purify_shards(inputs, output, ckpt)
-    defenses / classifiers / loader / train_classifier        baselines and the evaluation side
+    defenses / classifiers / train_classifier / audit         baselines and the evaluation side
 """
 from __future__ import annotations
 
@@ -22,13 +22,15 @@ _EXPORTS = {
     "CheckpointError": "checkpoint", "DVAEConfig": "config", "fit_purifier": "fit", "psnr": "metrics",
     "retention": "metrics", "DVAE": "models", "Purifier": "purifier", "fit_two_stage": "fit",
     "PurifySummary": "purify", "purify_shards": "purify", "ShardError": "shards", "PurifyBatch": "stage",
-    "PurifyConfig": "stage", "PurifyStage": "stage", "fit_stage": "train",
+    "PurifyConfig": "stage", "PurifyStage": "stage", "fit_stage": "train", "ClassifierConfig": "classifiers",
+    "train_classifier": "train_classifier", "train_classifier_ray": "train_classifier",
 }  # fmt: skip
-_SUBMODULES = ("poisons", "shards")
+_SUBMODULES = ("audit", "defenses", "poisons", "shards")
 
 if TYPE_CHECKING:
-    from . import poisons, shards
+    from . import audit, defenses, poisons, shards
     from .checkpoint import CheckpointError
+    from .classifiers import ClassifierConfig
     from .config import DVAEConfig
     from .fit import fit_purifier, fit_two_stage
     from .metrics import psnr, retention
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
     from .shards import ShardError
     from .stage import PurifyBatch, PurifyConfig, PurifyStage
     from .train import fit_stage
+    from .train_classifier import train_classifier, train_classifier_ray
 
 
 def __getattr__(name: str) -> Any:
@@ -57,7 +60,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "DVAE", "DVAEConfig", "Purifier", "PurifyBatch", "PurifyConfig", "PurifyStage",
-    "PurifySummary", "ShardError", "fit_purifier", "fit_stage", "fit_two_stage", "psnr", "purify_shards",
-    "poisons", "retention", "shards",
+    "CheckpointError", "ClassifierConfig", "DVAE", "DVAEConfig", "Purifier", "PurifyBatch", "PurifyConfig",
+    "PurifyStage", "PurifySummary", "ShardError", "audit", "defenses", "fit_purifier", "fit_stage", "fit_two_stage",
+    "poisons", "psnr", "purify_shards", "retention", "shards", "train_classifier", "train_classifier_ray",
 ]  # fmt: skip

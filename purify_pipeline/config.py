@@ -35,7 +35,6 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # Unit tests and smoke runs: seconds.
     "tiny": {"width": 8, "latent_channels": 32, "epochs": 1, "batch_size": 64},
 }
-_PRESETS["cpu-sharp"] = _PRESETS["cpu-v2"]  # the name `cpu-v2` had on trial; earlier commands still resolve
 
 
 @dataclass

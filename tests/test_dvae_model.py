@@ -160,7 +160,7 @@ def test_within_class_penalty_is_opt_in_and_measures_image_specific_p_hat():
 
 
 def test_cpu_presets_differ_by_one_documented_step_each() -> None:
-    """cpu-v1 -> cpu-v2 (stage 2 at batch 32) -> cpu (tau1 = 0.5); cpu-sharp is cpu-v2's trial name."""
+    """cpu-v1 -> cpu-v2 (stage 2 at batch 32) -> cpu (tau1 = 0.5); retired trial names are gone."""
     cpu, v2, v1 = (DVAEConfig.preset(n).to_dict() for n in ("cpu", "cpu-v2", "cpu-v1"))
     assert {k for k in v1 if v1[k] != v2[k]} == {"batch_size_stage2", "preset_name"}
     assert {k for k in v2 if v2[k] != cpu[k]} == {"tau1", "preset_name"}
@@ -168,6 +168,6 @@ def test_cpu_presets_differ_by_one_documented_step_each() -> None:
     assert [DVAEConfig.preset("cpu").batch_size_for(s) for s in (1, 2)] == [128, 32]
     assert [DVAEConfig.preset("cpu").tau(s) for s in (1, 2)] == [0.5, 3.0]
     assert DVAEConfig.preset("paper").tau(1) == DVAEConfig.preset("cpu-v2").tau(1) == 1.0
-    assert {**DVAEConfig.preset("cpu-sharp").to_dict(), "preset_name": "cpu-v2"} == v2
+    assert "cpu-sharp" not in DVAEConfig.presets()
     with pytest.raises(ValueError, match="batch sizes"):
         DVAEConfig.preset("cpu", batch_size_stage2=0)
