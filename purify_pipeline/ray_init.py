@@ -26,7 +26,7 @@ _RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.data._internal.
                 "ray.data._internal.execution.streaming_executor")  # fmt: skip
 
 
-# Lines a successful run prints that are not the user's business: the core worker's note on any actor pool that
+# Lines a successful run prints that are not the user's business: the core worker's warning about any actor pool that
 # Ray may restart (Ray Data passes every map actor its constructor through the object store), and Ray Train's
 # placement-group cleaner asking for a controller that has already finished.
 BENIGN = re.compile(rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store"
