@@ -83,6 +83,9 @@ class StderrFilter:
         os.write(self._w, self._done)
         self._thread.join(timeout=5)
         os.close(self._w)
+        if not self._thread.is_alive():
+            os.close(self._r)
+            os.close(self._real)
 
 
 _FILTER: StderrFilter | None = None
