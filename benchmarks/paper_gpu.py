@@ -50,17 +50,12 @@ from purify_pipeline.defenses import apply_defense  # noqa: E402
 from purify_pipeline.models import DVAE  # noqa: E402
 from purify_pipeline.fit import fit_two_stage  # noqa: E402
 from purify_pipeline.purifier import Purifier  # noqa: E402
-from purify_pipeline.train import cpu_has_native_bf16, fit_stage  # noqa: E402
+from purify_pipeline.train import bf16_pays as use_bf16  # noqa: E402  (emulated bf16 would make a CPU smoke run crawl)
+from purify_pipeline.train import fit_stage  # noqa: E402
 from purify_pipeline.train_classifier import train_classifier  # noqa: E402
 
 DEFENSES = {"jpeg10": ("jpeg", {"quality": 10}), "grayscale": ("grayscale", {}), "bdr": ("bdr", {"bits": 2})}
 PAPER_EPOCHS = 60
-
-
-def use_bf16(device: str) -> bool:
-    """bf16 autocast where it is a real gain: a CUDA GPU, or a CPU with native bfloat16 (emulated bf16 on an AVX2
-    CPU is ~10x slower than fp32, which would turn the CPU smoke run into many minutes)."""
-    return str(device).startswith("cuda") or cpu_has_native_bf16()
 
 
 def emit(out: Path, record: dict[str, Any]) -> None:

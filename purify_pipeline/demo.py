@@ -101,7 +101,7 @@ def resolve_size(size: str, gpu: bool | None = None) -> str:
 
 
 def estimate_seconds(s: DemoSettings, num_classes: int, images: np.ndarray, labels: np.ndarray, device: str,
-                     probe_steps: tuple[int, int] = (2, 6)) -> dict[str, float]:  # fmt: skip
+                     probe_steps: tuple[int, int] = (2, 6), bf16: bool = False) -> dict[str, float]:  # fmt: skip
     """A few-second probe of this machine, scaled to the demo's epochs and image counts (an estimate, +-30%).
 
     Each model is timed on two epoch lengths of real images and the per-sample time is their difference over
@@ -131,7 +131,8 @@ def estimate_seconds(s: DemoSettings, num_classes: int, images: np.ndarray, labe
 
             def dvae(n: int) -> None:
                 fit_stage(model, np.resize(images, (n, *images.shape[1:])), np.resize(labels, n), tau=cfg.tau(stage),
-                          epochs=1, cfg=cfg, device=device, progress=False, batch_size=bs)  # fmt: skip
+                          epochs=1, cfg=cfg, device=device, progress=False, batch_size=bs,
+                          autocast_dtype=torch.bfloat16 if bf16 else None)  # fmt: skip
 
             dvae(bs)  # warm-up
             fit += per_sample(dvae, bs) * s.train_images * epochs
@@ -365,7 +366,8 @@ def _report(out: Path, s: DemoSettings, info: dict[str, Any], rows: list[dict[st
         f"- Perturbation retained in the purified images (projection onto the poison, 1 = untouched, 0 = removed): "
         f"{info['retention']:.3f}.",
         f"- D-VAE: preset `{s.preset}` {dict(s.preset_overrides) or ''} (width {info['dvae']['width']}, "
-        f"{info['dvae']['epochs']} epochs per stage), checkpoint `checkpoint/` ({info['fingerprint'][:12]}).",
+        f"{info['dvae']['epochs']} epochs per stage{', bf16 autocast' if info['dvae'].get('bf16') else ', fp32'}), "
+        f"checkpoint `checkpoint/` ({info['fingerprint'][:12]}).",
         f"- Purification through `PurifyStage` (`purify_shards`, mode `{s.mode}`): {info['purify']['images_per_s']:.0f} "
         "images/s.",
         "",
@@ -465,6 +467,7 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike = "purify-demo", *, 
     from .defenses import jpeg
     from .fit import fit_purifier
     from .purify import purify_shards
+    from .train import bf16_pays
 
     s = settings
     show = progress_enabled(progress)
@@ -475,6 +478,7 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike = "purify-demo", *, 
     device = "cuda" if gpu else "cpu"
     if gpu and not torch.cuda.is_available():
         raise DemoError("--gpu was given but torch sees no CUDA device")
+    bf16 = bf16_pays(device)  # the D-VAE in bf16 where that is native (GPU, AMX CPU): same accuracy, ~2x faster
     classes = _classes(data_dir)
     k = len(classes)
     if s.train_images % k or s.test_images % k:
@@ -504,7 +508,7 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike = "purify-demo", *, 
         estimate = json.loads(est_path.read_text())
     else:
         clean_x, clean_y, _ = _arrays(clean_urls[:1])
-        estimate = estimate_seconds(s, k, clean_x, clean_y, device)
+        estimate = estimate_seconds(s, k, clean_x, clean_y, device, bf16=bf16)
         est_path.write_text(json.dumps(estimate, indent=1) + "\n")
     print(plan(s, estimate, device), file=sys.stderr)  # always: what will run, and for how long
 
@@ -521,12 +525,12 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike = "purify-demo", *, 
     # 3. fit D-VAE on the poisoned shards
     cfg = DVAEConfig.preset(s.preset, num_classes=k, seed=s.seed, **dict(s.preset_overrides))
     workers = fit_workers if fit_workers is not None else (1 if gpu else 0)
-    t0 = step(f"fit D-VAE (preset {s.preset}: width {cfg.width}, {cfg.epochs} epochs x 2 stages) on "
+    t0 = step(f"fit D-VAE (preset {s.preset}: width {cfg.width}, {cfg.epochs} epochs x 2 stages{', bf16' if bf16 else ''}) on "
               f"{s.train_images} poisoned images, {'Ray Train with ' + str(workers) + ' worker(s)' if workers else 'in this process'}")  # fmt: skip
     ckpt = out / "checkpoint"
     if not (ckpt / "config.json").exists():
         fit_purifier(poisoned_urls, preset=cfg, output=str(ckpt), num_workers=workers, use_gpu=gpu,
-                     storage_path=str(out / "fit-runs"), class_names=classes, progress=show)  # fmt: skip
+                     storage_path=str(out / "fit-runs"), class_names=classes, progress=show, bf16=bf16)  # fmt: skip
     seconds["fit D-VAE"] = time.perf_counter() - t0
 
     # 4. purify through PurifyStage
@@ -535,7 +539,7 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike = "purify-demo", *, 
     actors = 1 if gpu else max(1, min(4, ncpu))
     summary = purify_shards(poisoned_urls, str(purified_dir), str(ckpt), prefix="train", mode=s.mode, seed=s.seed,
                             actors=actors, num_gpus=1 if gpu else 0, batch_size=128 if not gpu else 1024,
-                            progress=show)  # fmt: skip
+                            progress=show, bf16=bf16)  # fmt: skip
     purified_urls = shards.expand(str(purified_dir / "train-*.tar"))
     seconds["purify"] = time.perf_counter() - t0
 
@@ -566,7 +570,7 @@ def run_demo(settings: DemoSettings, out: str | os.PathLike = "purify-demo", *, 
     pur = Purifier.load(str(ckpt))
     info = {
         "num_classes": k, "test_images": int(len(test_y)), "fingerprint": pur.fingerprint,
-        "dvae": {"width": pur.cfg.width, "epochs": pur.cfg.epochs, "preset": s.preset},
+        "dvae": {"width": pur.cfg.width, "epochs": pur.cfg.epochs, "preset": s.preset, "bf16": bf16},
         "psnr_poisoned": float(psnr(px, cx)), "psnr_purified": float(psnr(ux, cx)),
         "retention": float(retention(ux, cx, delta)),
         "audit": {name: audit(x, cy, num_classes=k, seed=s.seed).to_dict() for name, x in (("poisoned", px), ("purified", ux))},
