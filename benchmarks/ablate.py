@@ -44,7 +44,7 @@ from _machine import machine_facts  # noqa: E402
 from _restore import restore_cells  # noqa: E402
 from diagnose_dvae import explain  # noqa: E402
 from diagnose_dvae import run as stage_outputs  # noqa: E402
-from matrix import DEFENSES, TIERS, _poisoned  # noqa: E402
+from matrix import DEFENSES, TIERS, _poisoned, matrix_fit_dir  # noqa: E402
 
 from purify_pipeline import DVAE, DVAEConfig, Purifier, fit_two_stage, psnr, retention, shards  # noqa: E402
 from purify_pipeline.train import fit_stage  # noqa: E402
@@ -221,7 +221,7 @@ def refit_stage2(cache: Path, poison: str, variant: str, args, test: Any) -> Non
 
     Stage 2 trains on the stage-1 outputs x1 as fit_purifier does (mode cfg.stage1_mode, seed cfg.seed); for
     ar/ops/em stage 1 leaves x1 ≈ x (p̂1 explains ~0 of δ), so the final output is stage 2's work alone."""
-    root = args.matrix_cache / f"dvae-{poison}-cpu-v1" / "checkpoint"
+    root = matrix_fit_dir(args.matrix_cache, poison, "cpu-v1") / "checkpoint"
     if not (root / "config.json").exists():
         print(f"{poison}: no matrix fit at {root} yet; skipped")
         return
@@ -251,7 +251,7 @@ def refit_stage2(cache: Path, poison: str, variant: str, args, test: Any) -> Non
 
 
 def outputs_of_matrix_fit(cache: Path, poison: str, args, test: Any) -> None:
-    root = args.matrix_cache / f"dvae-{poison}-cpu-v1"
+    root = matrix_fit_dir(args.matrix_cache, poison, "cpu-v1")
     if not (root / "checkpoint" / "config.json").exists():
         print(f"{poison}: no matrix fit at {root} yet (python benchmarks/matrix.py --poisons {poison} --defenses dvae "
               "--dvae-preset cpu-v1); skipped")

@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     cache = Path(args.cache or REPO / "benchmarks" / "cache" / args.tier)
-    root = cache / f"dvae-{args.poison}-{args.preset}"
+    from matrix import matrix_fit_dir  # the matrix cache's layout, from its one owner
+
+    root = matrix_fit_dir(cache, args.poison, args.preset)
     clean_all = shards.load_arrays(str(Path(args.data) / args.train), progress=False)
     n = args.images
     clean, labels = clean_all.images[:n], clean_all.labels[:n]

@@ -82,11 +82,36 @@ def poison_digest(poisoned: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(poisoned).tobytes()).hexdigest()[:16]
 
 
-def _dvae(cache: Path, name: str, poisoned: np.ndarray, clean: shards.ShardArrays, preset: str, args) -> np.ndarray:
+def dvae_fit_config(preset: str, fit_seed: int) -> DVAEConfig:
+    """The resolved D-VAE config of one fit of the matrix (fit seed 0 = the preset as it is)."""
+    return DVAEConfig.preset(preset, seed=fit_seed) if fit_seed else DVAEConfig.preset(preset)
+
+
+def dvae_cache_dir(cache: Path, name: str, cfg: DVAEConfig, bf16: bool) -> Path:
+    """Where one fit lives: keyed by the full resolved config (and the precision), never by the preset's name
+    alone, so a preset changed since a fit was cached can never reuse that fit."""
+    key = hashlib.sha256(json.dumps({"config": {**cfg.to_dict(), "preset_name": None}, "bf16": bf16},
+                                    sort_keys=True).encode()).hexdigest()[:10]  # fmt: skip
+    return cache / f"dvae-{name}-{cfg.preset_name.split('+')[0]}-s{cfg.seed}-{key}"
+
+
+def matrix_fit_dir(cache: Path, name: str, preset: str, fit_seed: int = 0) -> Path:
+    """The cached fit of (poison, preset, fit seed) for tools that read the matrix cache (ablate.py,
+    diagnose_dvae.py): the one `dvae_cache_dir` with a checkpoint, else a cache's older `dvae-<poison>-<preset>`."""
+    found = sorted(p for p in cache.glob(f"dvae-{name}-{preset}-s{fit_seed}-*") if (p / "checkpoint" / "config.json").exists())
+    if len(found) > 1:
+        raise RuntimeError(f"{len(found)} cached {name}/{preset} fits with seed {fit_seed} (other configs or precisions): "
+                           + ", ".join(p.name for p in found))  # fmt: skip
+    return found[0] if found else cache / f"dvae-{name}-{preset}"
+
+
+def _dvae(cache: Path, name: str, poisoned: np.ndarray, clean: shards.ShardArrays, preset: str, args,
+          fit_seed: int = 0) -> np.ndarray:  # fmt: skip
     """Poisoned shards -> fit_purifier (Ray Train) -> purify_shards (Ray Data) -> purified images (cached)."""
     from purify_pipeline import fit_purifier, purify_shards
 
-    root = cache / f"dvae-{name}-{preset}"
+    cfg = dvae_fit_config(preset, fit_seed)
+    root = dvae_cache_dir(cache, name, cfg, args.dvae_bf16)
     src = root / "poisoned"
     digest = poison_digest(poisoned)
     if (src / "manifest.json").exists():
@@ -105,7 +130,7 @@ def _dvae(cache: Path, name: str, poisoned: np.ndarray, clean: shards.ShardArray
     ckpt = root / "checkpoint"
     t0 = time.perf_counter()
     if not (ckpt / "config.json").exists():
-        fit_purifier(str(src / "train-*.tar"), preset=DVAEConfig.preset(preset), output=str(ckpt), num_workers=1,
+        fit_purifier(str(src / "train-*.tar"), preset=cfg, output=str(ckpt), num_workers=1,
                      use_gpu=args.device.startswith("cuda"), storage_path=str(root / "runs"), run_name="fit", bf16=args.dvae_bf16,
                      progress=not args.quiet)  # fmt: skip
     purify_shards(str(src / "train-*.tar"), str(root / "purified"), str(ckpt), mode="sample", seed=0,
@@ -121,14 +146,17 @@ def _dvae(cache: Path, name: str, poisoned: np.ndarray, clean: shards.ShardArray
 
 
 def cell_name(c: dict[str, Any]) -> str:
-    """A cell's cache file name (`lsp__dvae__s0`): the one rule for writing and restoring cells."""
-    return f"{c['poison']}__{c['defense']}__s{c['seed']}"
+    """A cell's cache file name (`lsp__dvae__s0`, `lsp__dvae__s0__fit1` for a second D-VAE fit): the one rule for
+    writing and restoring cells."""
+    fit = c.get("dvae_fit_seed") or 0
+    return f"{c['poison']}__{c['defense']}__s{c['seed']}" + (f"__fit{fit}" if fit else "")
 
 
 def run_cell(cache: Path, poison: str, defense: str, seed: int, train_x: np.ndarray, clean: shards.ShardArrays,
              delta: np.ndarray | None, test: shards.ShardArrays, clf: ClassifierConfig, args,
-             poison_sha: str | None = None) -> None:  # fmt: skip
-    f = cache / "cells" / f"{cell_name({'poison': poison, 'defense': defense, 'seed': seed})}.json"
+             poison_sha: str | None = None, fit: dict[str, Any] | None = None) -> None:  # fmt: skip
+    """One classifier on one training set. `fit`: {"dvae_fit_seed", "dvae_config"} of a D-VAE cell."""
+    f = cache / "cells" / f"{cell_name({'poison': poison, 'defense': defense, 'seed': seed, **(fit or {})})}.json"
     if f.exists():
         return
     t0 = time.perf_counter()
@@ -137,10 +165,11 @@ def run_cell(cache: Path, poison: str, defense: str, seed: int, train_x: np.ndar
     cell = {"poison": poison, "defense": defense, "seed": seed, "test_acc": 100.0 * res["test_acc"],
             "train_seconds": time.perf_counter() - t0, "psnr_vs_clean": psnr(train_x, clean.images) if poison != "clean" else None,
             "retention": retention(train_x, clean.images, delta) if delta is not None else None,
-            "poison_sha256": poison_sha}  # fmt: skip
+            "poison_sha256": poison_sha, **(fit or {})}  # fmt: skip
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(cell))
-    print(f"{poison:>9} {defense:>9} seed {seed}: {cell['test_acc']:.1f}%", flush=True)
+    fit_txt = f" (D-VAE fit seed {fit['dvae_fit_seed']})" if fit else ""
+    print(f"{poison:>9} {defense:>9} seed {seed}{fit_txt}: {cell['test_acc']:.1f}%", flush=True)
 
 
 def _grid(path: Path, clean: np.ndarray, poisoned: np.ndarray, purified: dict[str, np.ndarray], n: int = 6) -> None:
@@ -165,8 +194,14 @@ def report(out: Path, cells: list[dict], facts: dict, tier: str, total_s: float,
     for (p, d), cs in groups.items():
         accs = [c["test_acc"] for c in cs]
         ret = [c["retention"] for c in cs if c["retention"] is not None]
+        per_fit: dict[int, list[float]] = {}
+        for c in cs:
+            per_fit.setdefault(c.get("dvae_fit_seed") or 0, []).append(c["test_acc"])
+        fit_means = [statistics.mean(v) for v in per_fit.values()]
         summary.append({"poison": p, "defense": d, "seeds": [c["seed"] for c in cs], "mean": statistics.mean(accs),
                         "spread": (max(accs) - min(accs)) / 2 if len(accs) > 1 else None,
+                        "fits": sorted(per_fit) if d.startswith("dvae") else None,
+                        "fit_spread": (max(fit_means) - min(fit_means)) / 2 if len(fit_means) > 1 else None,
                         "retention": ret[0] if ret else None, "psnr": cs[0]["psnr_vs_clean"]})  # fmt: skip
     (out / "matrix.json").write_text(json.dumps({"tier": tier, "cells": cells, "summary": summary,
                                                  "total_seconds": total_s, "machine": facts, **(extra or {})}, indent=1))  # fmt: skip
@@ -175,8 +210,17 @@ def report(out: Path, cells: list[dict], facts: dict, tier: str, total_s: float,
     defs = [d for d in known if any(s["defense"] == d for s in summary)]
     pois = list(dict.fromkeys(s["poison"] for s in summary))
     get = {(s["poison"], s["defense"]): s for s in summary}
-    fmt = lambda s: "—" if s is None else f"{s['mean']:.1f}" + (f" ± {s['spread']:.1f}" if s["spread"] is not None else "")  # noqa: E731
-    lines = [f"# Accuracy matrix, tier `{tier}` (clean test accuracy %, mean ± half-range over seeds)", "",
+    def fmt(s: dict | None) -> str:
+        if s is None:
+            return "—"
+        txt = f"{s['mean']:.1f}" + (f" ± {s['spread']:.1f}" if s["spread"] is not None else "")
+        if s.get("fits"):  # D-VAE cells say how many fits they rest on, and the spread of the fits' means
+            n = len(s["fits"])
+            txt += f" ({n} fit{'s' if n > 1 else ''}" + (f", fits ± {s['fit_spread']:.1f})" if n > 1 else ")")
+        return txt
+
+    lines = [f"# Accuracy matrix, tier `{tier}` (clean test accuracy %, mean ± half-range over seeds; D-VAE cells: "
+             "over every fit and classifier seed, with the number of D-VAE fits and the half-range of their means)", "",
              f"Command: `{facts['command']}`  ", f"Machine: {facts['cpu_count']} CPUs, torch {facts['torch']}, "
              f"ray {facts['ray']}, device {facts['device']}; total {total_s / 60:.1f} min ({total_what}).", "",
              "| poison | " + " | ".join(defs) + " |", "|---|" + "---|" * len(defs)]  # fmt: skip
@@ -251,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--extra-seed-defenses", nargs="+", default=["none", "dvae"],
                     help="defenses run with every seed; the others with the first seed only")
     ap.add_argument("--dvae-preset")
+    ap.add_argument("--dvae-seeds", nargs="+", type=int, default=[0, 1],
+                    help="D-VAE fit seeds: a D-VAE cell rests on every fit, each with every classifier seed")
     ap.add_argument("--dvae-bf16", action="store_true",
                     help="fit and apply the D-VAE with bfloat16 autocast (GPU or AMX CPU)")
     ap.add_argument("--no-clean", action="store_true", help="leave out the clean-training row (already measured)")
@@ -283,17 +329,24 @@ def main(argv: list[str] | None = None) -> None:
         psha = poison_digest(poisoned)
         purified: dict[str, np.ndarray] = {}
         for d in args.defenses:
+            label = f"dvae-{preset}" if d == "dvae" and preset != tier["dvae"] else d  # a cell per preset
+            seeds = args.seeds if d in args.extra_seed_defenses else args.seeds[:1]
+            if d == "dvae":  # every D-VAE fit seed, each scored with every classifier seed
+                for f in args.dvae_seeds:
+                    x = _dvae(cache, name, poisoned, clean, preset, args, fit_seed=f)
+                    purified.setdefault(label, x)
+                    fit = {"dvae_fit_seed": f, "dvae_config": dvae_fit_config(preset, f).to_dict(),
+                           "dvae_bf16": args.dvae_bf16}  # fmt: skip
+                    for s in seeds:
+                        run_cell(cache, name, label, s, x, clean, delta, test, clf, args, poison_sha=psha, fit=fit)
+                continue
             clf_d = clf
-            if d == "dvae":
-                x = _dvae(cache, name, poisoned, clean, preset, args)
-            elif d in TRAINING_DEFENSES:  # the poisoned data as it is; the classifier trains differently
+            if d in TRAINING_DEFENSES:  # the poisoned data as it is; the classifier trains differently
                 x, clf_d = poisoned, dataclasses.replace(clf, **TRAINING_DEFENSES[d])
             else:
                 x = apply_defense(DEFENSES[d][0], poisoned, **DEFENSES[d][1])
-            label = f"dvae-{preset}" if d == "dvae" and preset != tier["dvae"] else d  # a cell per preset
             if d != "none" and d not in TRAINING_DEFENSES:
                 purified[label] = x
-            seeds = args.seeds if d in args.extra_seed_defenses else args.seeds[:1]
             for s in seeds:
                 run_cell(cache, name, label, s, x, clean, delta, test, clf_d, args, poison_sha=psha)
         if {"dvae", "jpeg10", "grayscale"} <= set(args.defenses) or not (out / f"grid-{name}.png").exists():

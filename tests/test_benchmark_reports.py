@@ -88,7 +88,7 @@ def test_matrix_report_only_on_a_fresh_cache_rebuilds_the_committed_table(tmp_pa
     assert len(doc["cells"]) == 6 and doc["total_seconds"] == 6 * 10.0 + 5.0
     assert doc["step_seconds"] == {"poisoned-lsp": 5.0}
     md = (out / "matrix.md").read_text()
-    assert "| lsp | — | 71.5 ± 0.5 | 68.5 ± 0.5 |" in md
+    assert "| lsp | — | 71.5 ± 0.5 (1 fit) | 68.5 ± 0.5 |" in md
 
 
 def test_matrix_partial_run_updates_its_cells_and_keeps_the_others(cifar10_dir: Path, tmp_path: Path) -> None:
@@ -130,9 +130,37 @@ def test_matrix_report_names_rows_whose_cells_saw_different_poison_generations(t
 
 
 def test_matrix_refuses_a_cached_dvae_fit_made_on_another_poison_generation(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from purify_pipeline import DVAEConfig
+
     m = _bench_module("matrix")
-    src = tmp_path / "dvae-em-cpu" / "poisoned"
+    src = m.dvae_cache_dir(tmp_path, "em", DVAEConfig.preset("cpu"), False) / "poisoned"
     src.mkdir(parents=True)
     (src / "manifest.json").write_text(json.dumps({"poison": "em", "poison_sha256": "0123456789abcdef"}))
     with pytest.raises(RuntimeError, match="poison generation 0123456789abcdef"):
-        m._dvae(tmp_path, "em", np.zeros((2, 4, 4, 3), np.uint8), None, "cpu", None)
+        m._dvae(tmp_path, "em", np.zeros((2, 4, 4, 3), np.uint8), None, "cpu", SimpleNamespace(dvae_bf16=False))
+
+
+def test_matrix_fits_are_keyed_by_their_resolved_config_and_cells_report_the_spread_over_fits(tmp_path: Path) -> None:
+    from purify_pipeline import DVAEConfig
+
+    m = _bench_module("matrix")
+    d0 = m.dvae_cache_dir(tmp_path, "lsp", m.dvae_fit_config("cpu", 0), False)
+    assert d0 == m.dvae_cache_dir(tmp_path, "lsp", DVAEConfig.preset("cpu"), False)  # same config, same fit
+    others = {m.dvae_cache_dir(tmp_path, "lsp", m.dvae_fit_config("cpu", 1), False),  # another fit seed
+              m.dvae_cache_dir(tmp_path, "lsp", DVAEConfig.preset("cpu", tau1=1.0), False),  # a changed preset
+              m.dvae_cache_dir(tmp_path, "lsp", DVAEConfig.preset("cpu"), True)}  # another precision
+    assert d0 not in others and len(others) == 3
+    (d0 / "checkpoint").mkdir(parents=True)
+    (d0 / "checkpoint" / "config.json").write_text("{}")
+    assert m.matrix_fit_dir(tmp_path, "lsp", "cpu") == d0  # what ablate.py / diagnose_dvae.py read
+    assert m.cell_name({"poison": "lsp", "defense": "dvae", "seed": 1}) == "lsp__dvae__s1"  # committed names hold
+    assert m.cell_name({"poison": "lsp", "defense": "dvae", "seed": 1, "dvae_fit_seed": 1}) == "lsp__dvae__s1__fit1"
+    cells = [{"poison": "lsp", "defense": "dvae", "seed": s, "dvae_fit_seed": f, "test_acc": acc, "train_seconds": 1.0,
+              "psnr_vs_clean": 24.0, "retention": 0.4}
+             for f, s, acc in ((0, 0, 71.0), (0, 1, 72.0), (1, 0, 73.0), (1, 1, 74.0))]  # fmt: skip
+    m.report(tmp_path, cells, {"command": "x", "cpu_count": 2, "torch": "t", "ray": "r", "device": "cpu"}, "cpu-mini", 4.0)
+    s = json.loads((tmp_path / "matrix.json").read_text())["summary"][0]
+    assert s["fits"] == [0, 1] and s["mean"] == 72.5 and s["spread"] == 1.5 and s["fit_spread"] == 1.0
+    assert "| lsp | 72.5 ± 1.5 (2 fits, fits ± 1.0) |" in (tmp_path / "matrix.md").read_text()
