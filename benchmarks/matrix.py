@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> None:
         report_from_cache(cache, out, args)
         print((out / "matrix.md").read_text())
         return
+    # the committed cells first, so a fresh clone measures only what the committed table lacks (a second D-VAE
+    # fit, a new row) instead of re-measuring every restored cell
+    restore_cells(cache / "cells", out / "matrix.json", cell_name)
     data = Path(args.data)
     t0 = time.perf_counter()
     clean = _load(data, tier["train"], tier["limit"])
@@ -333,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
             seeds = args.seeds if d in args.extra_seed_defenses else args.seeds[:1]
             if d == "dvae":  # every D-VAE fit seed, each scored with every classifier seed
                 for f in args.dvae_seeds:
+                    if all((cache / "cells" / f"{cell_name({'poison': name, 'defense': label, 'seed': s, 'dvae_fit_seed': f})}.json").exists()
+                           for s in seeds):  # fmt: skip
+                        continue  # this fit's cells are measured (or restored): no refit for a cache that lacks it
                     x = _dvae(cache, name, poisoned, clean, preset, args, fit_seed=f)
                     purified.setdefault(label, x)
                     fit = {"dvae_fit_seed": f, "dvae_config": dvae_fit_config(preset, f).to_dict(),
