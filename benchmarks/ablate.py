@@ -46,11 +46,19 @@ from diagnose_dvae import explain  # noqa: E402
 from diagnose_dvae import run as stage_outputs  # noqa: E402
 from matrix import DEFENSES, TIERS, _poisoned, matrix_fit_dir  # noqa: E402
 
-from purify_pipeline import DVAE, DVAEConfig, Purifier, fit_two_stage, psnr, retention, shards  # noqa: E402
-from purify_pipeline.train import fit_stage  # noqa: E402
-from purify_pipeline.classifiers import ClassifierConfig  # noqa: E402
-from purify_pipeline.defenses import apply_defense  # noqa: E402
-from purify_pipeline.train_classifier import train_classifier  # noqa: E402
+from purify_pipeline import (  # noqa: E402
+    DVAE,
+    DVAEConfig,
+    Purifier,
+    fit_two_stage,
+    psnr,
+    retention,
+    shards,
+)
+from purify_pipeline.dvae.train import fit_stage  # noqa: E402
+from purify_pipeline.eval.classifiers import ClassifierConfig  # noqa: E402
+from purify_pipeline.eval.defenses import apply_defense  # noqa: E402
+from purify_pipeline.eval.train_classifier import train_classifier  # noqa: E402
 
 # name -> (DVAEConfig overrides of the `cpu-v1` preset, what the variant asks)
 VARIANTS: dict[str, tuple[dict[str, Any], str]] = {

@@ -32,7 +32,7 @@ from _machine import machine_facts  # noqa: E402
 
 from purify_pipeline import audit as A  # noqa: E402
 from purify_pipeline import shards  # noqa: E402
-from purify_pipeline.defenses import apply_defense  # noqa: E402
+from purify_pipeline.eval.defenses import apply_defense  # noqa: E402
 
 DATA = Path(os.environ.get("PURIFY_PIPELINE_DATA", str(REPO.parent / "shared" / "data" / "cifar10")))
 CACHE = REPO / "benchmarks" / "cache" / "audit"

@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from purify_pipeline import shards  # noqa: E402
-from purify_pipeline.classifiers import ClassifierConfig  # noqa: E402
-from purify_pipeline.train_classifier import train_classifier  # noqa: E402
+from purify_pipeline.eval.classifiers import ClassifierConfig  # noqa: E402
+from purify_pipeline.eval.train_classifier import train_classifier  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "cifar10"
 

@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from purify_pipeline import DVAE, DVAEConfig, Purifier, shards  # noqa: E402
-from purify_pipeline.purify import purify_shards  # noqa: E402
-from purify_pipeline.stage import sample_ids_for_keys  # noqa: E402
+from purify_pipeline.dvae.noise import sample_ids_for_keys  # noqa: E402
+from purify_pipeline.stages.purify_shards import purify_shards  # noqa: E402
 
 
 def plain_loop(urls: list[str], out_dir: str, checkpoint: str, *, batch_size: int, device: str, mode: str) -> int:

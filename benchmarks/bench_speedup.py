@@ -82,7 +82,7 @@ def main() -> None:
     from _machine import machine_facts
 
     from purify_pipeline import DVAE, DVAEConfig, Purifier
-    from purify_pipeline.train import cpu_has_native_bf16
+    from purify_pipeline.dvae.train import cpu_has_native_bf16
 
     base_sha = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()  # fmt: skip

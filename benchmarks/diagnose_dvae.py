@@ -29,7 +29,7 @@ from _machine import machine_facts  # noqa: E402
 from _plots import save_image_grid  # noqa: E402
 
 from purify_pipeline import Purifier, psnr, retention, shards  # noqa: E402
-from purify_pipeline.train import to_float_nchw  # noqa: E402
+from purify_pipeline.dvae.train import to_float_nchw  # noqa: E402
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:

@@ -35,9 +35,9 @@ from _plots import save_image_grid  # noqa: E402
 from _restore import restore_cells  # noqa: E402
 
 from purify_pipeline import DVAEConfig, poisons, psnr, retention, shards  # noqa: E402
-from purify_pipeline.classifiers import ClassifierConfig  # noqa: E402
-from purify_pipeline.defenses import apply_defense  # noqa: E402
-from purify_pipeline.train_classifier import train_classifier  # noqa: E402
+from purify_pipeline.eval.classifiers import ClassifierConfig  # noqa: E402
+from purify_pipeline.eval.defenses import apply_defense  # noqa: E402
+from purify_pipeline.eval.train_classifier import train_classifier  # noqa: E402
 
 TIERS: dict[str, dict[str, Any]] = {
     "cpu-mini": {"train": "train-{000000..000009}.tar", "test": "test-{000000..000009}.tar", "limit": None,

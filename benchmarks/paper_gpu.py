@@ -45,14 +45,14 @@ from _machine import machine_facts  # noqa: E402
 
 from purify_pipeline import DVAEConfig, poisons, psnr, retention, shards  # noqa: E402
 from purify_pipeline.cli import CLIError, parse_kv  # noqa: E402
-from purify_pipeline.classifiers import ClassifierConfig  # noqa: E402
-from purify_pipeline.defenses import apply_defense  # noqa: E402
-from purify_pipeline.models import DVAE  # noqa: E402
-from purify_pipeline.fit import fit_two_stage  # noqa: E402
-from purify_pipeline.purifier import Purifier  # noqa: E402
-from purify_pipeline.train import bf16_pays as use_bf16  # noqa: E402  (emulated bf16 would make a CPU smoke run crawl)
-from purify_pipeline.train import fit_stage  # noqa: E402
-from purify_pipeline.train_classifier import train_classifier  # noqa: E402
+from purify_pipeline.dvae.model import DVAE  # noqa: E402
+from purify_pipeline.dvae.purifier import Purifier  # noqa: E402
+from purify_pipeline.dvae.train import bf16_pays as use_bf16  # noqa: E402  (emulated bf16 would make a CPU smoke run crawl)
+from purify_pipeline.dvae.train import fit_stage  # noqa: E402
+from purify_pipeline.dvae.two_stage import fit_two_stage  # noqa: E402
+from purify_pipeline.eval.classifiers import ClassifierConfig  # noqa: E402
+from purify_pipeline.eval.defenses import apply_defense  # noqa: E402
+from purify_pipeline.eval.train_classifier import train_classifier  # noqa: E402
 
 DEFENSES = {"jpeg10": ("jpeg", {"quality": 10}), "grayscale": ("grayscale", {}), "bdr": ("bdr", {"bits": 2})}
 PAPER_EPOCHS = 60

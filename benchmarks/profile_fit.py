@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_facts  # noqa: E402
 
 from purify_pipeline import DVAE, DVAEConfig  # noqa: E402
-from purify_pipeline.losses import dvae_loss  # noqa: E402
-from purify_pipeline.purifier import counter_noise, sample_noise  # noqa: E402
-from purify_pipeline.train import cpu_has_native_bf16  # noqa: E402
+from purify_pipeline.dvae.losses import dvae_loss  # noqa: E402
+from purify_pipeline.dvae.noise import sample_noise  # noqa: E402
+from purify_pipeline.dvae.train import cpu_has_native_bf16  # noqa: E402
 
 GROUPS = {"convolution (backward)": ("convolution_backward",),  # before the forward's "conv", which it contains
           "convolution (forward)": ("mkldnn_convolution", "_convolution", "conv"),
@@ -100,7 +100,7 @@ def main() -> None:
     matmul = 2 * 2048**3 * 10 / (time.perf_counter() - t0) / 1e9
     ids = list(range(512))
     noise = {}
-    for name, fn in (("per-sample torch generators (CPU)", sample_noise), ("counter-based (accelerators)", counter_noise)):
+    for name, fn in (("counter-based (every device)", sample_noise),):
         fn(0, ids[:8], (cfg.latent_channels, 16, 16))
         t0 = time.perf_counter()
         fn(0, ids, (cfg.latent_channels, 16, 16))

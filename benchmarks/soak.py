@@ -143,7 +143,7 @@ def _kill_one_actor() -> int | None:
 def child(a: argparse.Namespace) -> None:
     import ray
 
-    from purify_pipeline.purify import purify_shards
+    from purify_pipeline.stages.purify_shards import purify_shards
 
     ray.init(num_cpus=a.ray_cpus, include_dashboard=False, log_to_driver=False,
              object_store_memory=512 * 1024 * 1024)  # fmt: skip
@@ -201,8 +201,8 @@ def main() -> None:
     import shutil
 
     import torch
-
     from _machine import machine_facts
+
     from purify_pipeline import DVAE, DVAEConfig, Purifier
 
     work = Path(a.work)

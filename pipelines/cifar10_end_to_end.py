@@ -12,12 +12,16 @@ from pathlib import Path
 
 import ray
 
-from purify_pipeline import DVAEConfig, shards
-from purify_pipeline.classifiers import ClassifierConfig
-from purify_pipeline.demo import poison_with_classes, select_balanced
-from purify_pipeline.fit import fit_purifier
-from purify_pipeline.purify import purify_shards
-from purify_pipeline.train_classifier import train_classifier
+from purify_pipeline import (
+    ClassifierConfig,
+    DVAEConfig,
+    fit_purifier,
+    poisons,
+    purify_shards,
+    shards,
+    train_classifier,
+)
+from purify_pipeline.data.subset import select_balanced
 
 
 def main() -> None:
@@ -44,12 +48,12 @@ def main() -> None:
     shards.write_manifest(str(out / "clean"), {"classes": classes})
 
     # 2. poison it (lossless PNG shards + manifest with the classes and the poison's parameters)
-    poison_with_classes(f"{out}/clean/train-*.tar", out / "poisoned", args.poison, seed=0, classes=classes)
+    poisons.poison_shards(f"{out}/clean/train-*.tar", str(out / "poisoned"), args.poison, seed=0, classes=classes)
     poisoned = f"{out}/poisoned/train-*.tar"
 
-    # 3. fit the two-stage D-VAE on the poisoned shards (Ray Data feeds the loop; num_workers>0 = Ray Train)
+    # 3. fit the two-stage D-VAE on the poisoned shards (Ray Data feeds one Ray Train worker, or one per GPU)
     cfg = DVAEConfig.preset(args.preset, num_classes=k)
-    ckpt = fit_purifier(poisoned, preset=cfg, output=str(out / "checkpoint"), num_workers=1 if args.gpu else 0,
+    ckpt = fit_purifier(poisoned, preset=cfg, output=str(out / "checkpoint"), num_workers=1,
                         use_gpu=args.gpu, class_names=classes)
 
     # 4. purify through PurifyStage: a Ray Data actor pool; shard boundaries, keys and labels are kept

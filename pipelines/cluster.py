@@ -23,9 +23,7 @@ import argparse
 
 import ray
 
-from purify_pipeline import DVAEConfig
-from purify_pipeline.fit import fit_purifier
-from purify_pipeline.purify import purify_shards
+from purify_pipeline import DVAEConfig, fit_purifier, purify_shards
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from purify_pipeline.classifiers import ClassifierConfig, build_classifier
-from purify_pipeline.stage import PurifyStage
+from purify_pipeline import ClassifierConfig, PurifyStage
+from purify_pipeline.eval.classifiers import build_classifier
 
 SIZE = 32
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ray.exceptions import UserCodeException
 
-from ._samples import ShardError
+from purify_pipeline.data._samples import ShardError
 
 
 class RowError(ShardError, UserCodeException):

@@ -124,7 +124,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_
     global _STARTED
     if ray.is_initialized():
         return
-    from ._progress import progress_enabled
+    from purify_pipeline._progress import progress_enabled
 
     quiet = not progress_enabled() if log_to_driver is None else not log_to_driver
     if address and address != "auto":

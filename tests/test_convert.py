@@ -12,7 +12,12 @@ import pytest
 from PIL import Image
 
 from purify_pipeline import shards
-from purify_pipeline.convert import ConvertError, SafeUnpickler, balanced_order, convert
+from purify_pipeline.data.convert import (
+    ConvertError,
+    SafeUnpickler,
+    balanced_order,
+    convert,
+)
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -259,8 +264,8 @@ def test_unknown_source(tmp_path):
 def test_demo_data_falls_back_to_a_converted_download(tmp_path, monkeypatch):
     """find_data: --data, $PURIFY_PIPELINE_DATA, ../shared/data/cifar10, else torchvision's download + convert
     (the downloader is replaced by a fake here: no network in tests)."""
-    import purify_pipeline.convert as conv
-    import purify_pipeline.demo as demo
+    import purify_pipeline.data.convert as conv
+    import purify_pipeline.demo.run as demo
 
     calls = []
 

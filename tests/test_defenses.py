@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from purify_pipeline.defenses import (DEFENSES, DefenseTransform, _dct_matrix, apply_defense, bdr, grayscale, jpeg,
-                                      sharpen_ff)
+from purify_pipeline.eval.defenses import (
+    DEFENSES,
+    DefenseTransform,
+    _dct_matrix,
+    apply_defense,
+    bdr,
+    grayscale,
+    jpeg,
+    sharpen_ff,
+)
 
 
 @pytest.fixture()

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from purify_pipeline import DVAE, DVAEConfig
-from purify_pipeline.losses import dvae_loss, kl_per_position
-from purify_pipeline.models import DVAEOutput, count_parameters
+from purify_pipeline.dvae.losses import dvae_loss, kl_per_position
+from purify_pipeline.dvae.model import DVAEOutput, count_parameters
 
 
 def test_paper_preset_is_the_authors_setting():
@@ -64,7 +64,7 @@ def test_kl_matches_hand_computation():
 def test_fused_sampling_and_kl_match_autograd_of_the_reference(dtype):
     """The model's fused z = mu + sigma * eps and KL (one op with its own backward) against autograd through the
     textbook formulas (`kl_per_position`): same values and same gradients for mu and logvar."""
-    from purify_pipeline.models.dvae import sample_with_kl
+    from purify_pipeline.dvae.model import sample_with_kl
 
     g = torch.Generator().manual_seed(0)
     mu0 = torch.randn(3, 16, 4, 5, generator=g).to(dtype)
@@ -140,7 +140,7 @@ def test_config_validation_and_roundtrip():
 
 
 def test_within_class_penalty_is_opt_in_and_measures_image_specific_p_hat():
-    from purify_pipeline.losses import within_class_variance
+    from purify_pipeline.dvae.losses import within_class_variance
 
     assert DVAEConfig.preset("paper").p_class_weight == 0.0  # the paper's loss is unchanged
     y = torch.tensor([0, 0, 1, 1])

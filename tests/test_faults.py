@@ -19,9 +19,9 @@ from PIL import Image
 from test_purify_shards import JOB, _png, _save_untrained
 
 from purify_pipeline import Purifier, poisons, shards
-from purify_pipeline.purify import purify_shards
-from purify_pipeline.shards import ShardError
-from purify_pipeline.stage import sample_ids_for_keys
+from purify_pipeline.data.shards import ShardError
+from purify_pipeline.dvae.noise import sample_ids_for_keys
+from purify_pipeline.stages.purify_shards import purify_shards
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +265,8 @@ def test_poison_job_mixed_formats_counts_and_duplicate_keys(ray_session, tmp_pat
 
 
 def test_cli_preflight_honours_on_error_and_fit_rejects_remote_out(tmp_path, checkpoint, faults, monkeypatch):
-    from purify_pipeline.cli import check_checkpoint, main
+    from purify_pipeline.cli import main
+    from purify_pipeline.stages.preflight import check_checkpoint
 
     urls = write_faults(tmp_path / "in", faults, ["e-empty", "c-bad"])  # a 0-byte first shard, a bad first sample
     for first in (urls, urls[1:]):

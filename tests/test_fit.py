@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from purify_pipeline import DVAEConfig, Purifier, shards
-from purify_pipeline.fit import fit_purifier
-from purify_pipeline.purify import purify_shards
-from purify_pipeline.stage import sample_ids_for_keys
+from purify_pipeline.dvae.noise import sample_ids_for_keys
+from purify_pipeline.stages.fit import fit_purifier
+from purify_pipeline.stages.purify_shards import purify_shards
 
 pytestmark = pytest.mark.slow
 
@@ -120,8 +120,9 @@ class _ShuffledIterator:
 
 
 def test_every_path_sees_one_seeded_permutation_of_all_samples_per_epoch(rng):
-    from purify_pipeline.fit import load_training_arrays, rank_batches
-    from purify_pipeline.train import array_batches
+    from purify_pipeline.dvae.train import array_batches
+    from purify_pipeline.dvae.two_stage import rank_batches
+    from purify_pipeline.stages.fit import load_training_arrays
 
     n = 40
     x = rng.integers(0, 256, size=(n, 4, 4, 3), dtype=np.uint8)
@@ -151,7 +152,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def _in_process(small_shards: str, cfg: DVAEConfig) -> Purifier:
     """fit_two_stage on the shards' key-sorted arrays and keys: what fit_purifier must reproduce."""
-    from purify_pipeline.fit import fit_two_stage
+    from purify_pipeline.dvae.two_stage import fit_two_stage
 
     arr = shards.load_arrays(small_shards, progress=False)
     order = np.argsort(np.asarray(arr.keys, dtype=str), kind="stable")

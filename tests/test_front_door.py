@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from purify_pipeline import Purifier, shards
-from purify_pipeline.stage import PurifyStage, sample_ids_for_keys
+from purify_pipeline.dvae.noise import sample_ids_for_keys
+from purify_pipeline.stages.purify_stage import PurifyStage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,7 +137,8 @@ def test_decoded_arrays_come_back_as_arrays_and_bytes_as_png(ray_session, cifar1
 
 
 def test_demo_sizes_follow_the_hardware_and_tiny_says_its_numbers_mean_nothing() -> None:
-    from purify_pipeline.demo import SIZES, DemoError, DemoSettings, _verdict, resolve_size
+    from purify_pipeline.demo import SIZES, DemoError, DemoSettings, resolve_size
+    from purify_pipeline.demo.report import _verdict
 
     assert resolve_size("auto", gpu=True) == "paper" and resolve_size("auto", gpu=False) == "cpu-mini"
     cpu = DemoSettings.for_size("cpu-mini")

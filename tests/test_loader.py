@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from purify_pipeline import shards
-from purify_pipeline.loader import ShardLoader, ShardStream, resolve_rank
+from purify_pipeline.data.loader import ShardLoader, ShardStream, resolve_rank
 
 N_SHARDS, PER_SHARD = 4, 10
 

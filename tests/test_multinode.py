@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from purify_pipeline import Purifier, shards
-from purify_pipeline.purify import purify_shards
-from purify_pipeline.stage import PurifyBatch, PurifyStage, sample_ids_for_keys
+from purify_pipeline.dvae.noise import sample_ids_for_keys
+from purify_pipeline.stages.purify_shards import purify_shards
+from purify_pipeline.stages.purify_stage import PurifyBatch, PurifyStage
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from purify_pipeline import CheckpointError, DVAE, DVAEConfig, Purifier, fit_stage, fit_two_stage
+from purify_pipeline import (
+    DVAE,
+    CheckpointError,
+    DVAEConfig,
+    Purifier,
+    fit_stage,
+    fit_two_stage,
+)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +158,7 @@ def test_fit_stage_reports_metrics_and_resumes_identically():
     assert {"loss", "rec", "rec_p", "kl", "energy", "samples_per_s", "lr", "tau"} <= set(hist[0])
     assert hist[0]["samples"] == 128
     # resume: run epoch 0, then continue with the restored optimizer state from epoch 1
-    from purify_pipeline.train import make_optimizer
+    from purify_pipeline.dvae.train import make_optimizer
 
     opt, sched = make_optimizer(b, cfg, 3)
     fit_stage(b, x, y, tau=1.0, epochs=1, cfg=cfg, progress=False, optimizer=opt, scheduler=sched)
@@ -197,7 +204,7 @@ def test_automatic_tau_binds_the_rate_hinge_after_warmup_and_resumes_identically
     # the hinge's gradient is on only in steps whose KL is above tau: never in the warm-up, in some steps after it
     assert hist[0]["hinge_active"] == 0.0 and max(h["hinge_active"] for h in hist[1:]) > 0
     # resume after the warm-up from the recorded tau_next: the same bytes as an uninterrupted run
-    from purify_pipeline.train import make_optimizer
+    from purify_pipeline.dvae.train import make_optimizer
 
     fit_stage(d, x, y, tau=50.0, epochs=3, cfg=cfg, progress=False)
     opt, sched = make_optimizer(b, cfg, 3)
@@ -214,8 +221,8 @@ def test_fit_two_stage_trains_stage2_on_stage1_outputs(monkeypatch):
     r = np.random.default_rng(0)
     x, y = r.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), r.integers(0, 2, 64)
     cfg = DVAEConfig.preset("tiny", num_classes=2, batch_size=32)
-    import purify_pipeline.fit as F
-    from purify_pipeline.stage import sample_ids_for_keys
+    import purify_pipeline.dvae.two_stage as F
+    from purify_pipeline.dvae.noise import sample_ids_for_keys
 
     calls = []
     real = F.fit_one_stage
@@ -258,7 +265,7 @@ def test_channels_last_fit_follows_the_standard_layout_loss_curve(cifar10_dir):
     """The fast CPU layout (channels-last, the default on a CPU) trains the same model: on real images the
     per-epoch losses and KL of a short fit agree with the NCHW fit's to float tolerance (only the convolution
     kernels, hence the rounding, differ)."""
-    from purify_pipeline.shards import load_arrays
+    from purify_pipeline.data.shards import load_arrays
 
     data = load_arrays(str(cifar10_dir / "train-000000.tar"), progress=False)
     x, y = data.images[:256], data.labels[:256]
@@ -273,8 +280,9 @@ def test_channels_last_fit_follows_the_standard_layout_loss_curve(cifar10_dir):
 
 
 def test_bf16_purification_is_seeded_close_to_fp32_and_the_stage_agrees(tiny_checkpoint, ray_session, cifar10_dir):
-    from purify_pipeline.shards import load_arrays
-    from purify_pipeline.stage import PurifyBatch, sample_ids_for_keys
+    from purify_pipeline.data.shards import load_arrays
+    from purify_pipeline.dvae.noise import sample_ids_for_keys
+    from purify_pipeline.stages.purify_stage import PurifyBatch
 
     data = load_arrays(str(cifar10_dir / "test-000000.tar"), progress=False)
     x, y, ids = data.images[:64], data.labels[:64], sample_ids_for_keys(data.keys[:64])
@@ -292,7 +300,7 @@ def test_bf16_purification_is_seeded_close_to_fp32_and_the_stage_agrees(tiny_che
 def _rank_tau(rank: int, port: int, q) -> None:
     import torch.distributed as dist
 
-    from purify_pipeline.train import _mean_over_ranks
+    from purify_pipeline.dvae.train import _mean_over_ranks
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     q.put((rank, _mean_over_ranks(1.0 + 2.0 * rank, torch.device("cpu"))))
@@ -323,7 +331,7 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_and_fp32_does_not(monkeypatch) 
     say so instead of crawling."""
     import warnings
 
-    from purify_pipeline import train as train_mod
+    from purify_pipeline.dvae import train as train_mod
 
     r = np.random.default_rng(0)
     x, y = r.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8), r.integers(0, 2, 32)
@@ -342,9 +350,9 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_and_fp32_does_not(monkeypatch) 
 
 
 def test_classifier_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch) -> None:
-    from purify_pipeline import train as train_mod
-    from purify_pipeline.classifiers import ClassifierConfig
-    from purify_pipeline.train_classifier import train_classifier
+    from purify_pipeline.dvae import train as train_mod
+    from purify_pipeline.eval.classifiers import ClassifierConfig
+    from purify_pipeline.eval.train_classifier import train_classifier
 
     r = np.random.default_rng(0)
     x, y = r.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), r.integers(0, 2, 64)
@@ -354,7 +362,7 @@ def test_classifier_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch) -> None
 
 
 def test_fit_two_stage_resumes_from_checkpoint_dir_with_the_same_bytes(tmp_path, monkeypatch):
-    import purify_pipeline.fit as F
+    import purify_pipeline.dvae.two_stage as F
 
     r = np.random.default_rng(0)
     x, y = r.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), r.integers(0, 2, 64)
@@ -409,8 +417,12 @@ def test_fit_two_stage_resumes_from_checkpoint_dir_with_the_same_bytes(tmp_path,
 def test_epoch_checkpoints_survive_a_kill_at_every_step_of_the_swap(tmp_path, monkeypatch):
     """fit_purifier's local session (and fit_two_stage) swap each epoch's checkpoint in through replace_dir; killed
     while moving it in, after deleting the old one or before the rename, the newest complete epoch is what resumes."""
-    from purify_pipeline.fit import _LocalSession
-    from purify_pipeline.train import load_train_state, make_optimizer, save_train_state
+    from purify_pipeline.dvae.train import (
+        load_train_state,
+        make_optimizer,
+        save_train_state,
+    )
+    from purify_pipeline.dvae.two_stage import _LocalSession
 
     cfg = DVAEConfig.preset("tiny", num_classes=2)
     model = torch.nn.Linear(3, 2)

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from purify_pipeline import DVAE, DVAEConfig, Purifier, shards
-from purify_pipeline.purify import purify_shards
-from purify_pipeline.shards import ShardError
-from purify_pipeline.stage import sample_ids_for_keys
+from purify_pipeline.data.shards import ShardError
+from purify_pipeline.dvae.noise import sample_ids_for_keys
+from purify_pipeline.stages.purify_shards import purify_shards
 
 JOB = {"batch_size": 64, "actors": 2, "num_cpus": 0.5, "progress": False}
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from purify_pipeline import DVAEConfig, fit_two_stage, psnr, retention
-from purify_pipeline.shards import expand, load_arrays
+from purify_pipeline.data.shards import expand, load_arrays
 
 
 @pytest.mark.slow

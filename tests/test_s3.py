@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from purify_pipeline import DVAE, DVAEConfig, Purifier, shards
-from purify_pipeline.purify import purify_shards
-from purify_pipeline.stage import sample_ids_for_keys
+from purify_pipeline.dvae.noise import sample_ids_for_keys
+from purify_pipeline.stages.purify_shards import purify_shards
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from purify_pipeline import shards
-from purify_pipeline.shards import ShardError
+from purify_pipeline.data.shards import ShardError
 
 
 def _tar(path, members: list[tuple[str, bytes]]) -> str:

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from purify_pipeline import Purifier, shards
-from purify_pipeline.shards import ShardError
-from purify_pipeline.stage import PurifyBatch, PurifyStage, sample_ids_for_keys
+from purify_pipeline.data.shards import ShardError
+from purify_pipeline.dvae.noise import sample_ids_for_keys
+from purify_pipeline.stages.purify_stage import PurifyBatch, PurifyStage
 
 N = 120  # samples of one CIFAR-10 shard used here (keeps the tiny model's CPU time to seconds)
 
@@ -214,7 +215,7 @@ def test_stage_error_on_ray_names_shard_and_key(ray_session, checkpoint, cifar_s
 def test_skipped_rows_are_logged(checkpoint, cifar_samples, caplog):
     rows = [dict(s) for s in cifar_samples[:3]]
     rows[1]["cls"] = b"99"
-    with caplog.at_level("WARNING", logger="purify_pipeline.stage"):
+    with caplog.at_level("WARNING", logger="purify_pipeline.stages.purify_stage"):
         out = PurifyBatch(checkpoint, on_error="skip")(_batch(rows))
     assert len(out["__key__"]) == 2
     assert [r.getMessage() for r in caplog.records if rows[1]["__key__"] in r.getMessage()], caplog.text

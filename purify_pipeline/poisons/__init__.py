@@ -66,7 +66,9 @@ def perturbation(name: str, images: np.ndarray, labels: Any, *, num_classes: int
 
 def poison_shards(inputs: Any, output: str, name: str, *, seed: int, **kwargs: Any) -> dict[str, Any]:
     """Poison WebDataset shards with Ray Data and write PNG shards + manifest (see `poisons.job`)."""
-    from .job import poison_shards as _poison_shards  # imports ray: only when the job is used
+    from .job import (
+        poison_shards as _poison_shards,  # imports ray: only when the job is used
+    )
 
     return _poison_shards(inputs, output, name, seed=seed, **kwargs)
 

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .._progress import progress  # noqa: F401  (re-exported for the generators)
+from purify_pipeline._progress import progress  # noqa: F401  (re-exported for the generators)
 
 SampleIds = Sequence[int] | Sequence[str] | np.ndarray | None
 

@@ -56,7 +56,7 @@ def build_surrogate(kind: str, num_classes: int, width: int | None, device: torc
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if kind == "resnet18":
-            from ..classifiers import ResNet18
+            from purify_pipeline.eval.classifiers import ResNet18
 
             model = ResNet18(num_classes, width or 64)
         else:

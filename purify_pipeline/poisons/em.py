@@ -27,10 +27,21 @@ import torch
 import torch.nn.functional as F
 
 from ._base import Poison
-from ._common import check_positive, progress as progress_bar, quantise_linf, rng_for
+from ._common import check_positive, quantise_linf, rng_for
+from ._common import progress as progress_bar
 from ._keyed import KeyedPerturbations
-from ._surrogate import (SURROGATES, accuracy, batches, build_surrogate, linf_ascent, linf_pgd, resolve_device,
-                         resolve_knobs, robust_linf_pgd, to_nchw)
+from ._surrogate import (
+    SURROGATES,
+    accuracy,
+    batches,
+    build_surrogate,
+    linf_ascent,
+    linf_pgd,
+    resolve_device,
+    resolve_knobs,
+    robust_linf_pgd,
+    to_nchw,
+)
 
 
 @dataclass(frozen=True)

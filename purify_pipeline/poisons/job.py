@@ -21,7 +21,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .. import outdir, shards
+from purify_pipeline.data import outdir, shards
+
 from . import fit as fit_poison
 from . import get as get_poison
 from ._base import Poison
@@ -72,7 +73,7 @@ def _check_sample(rec: dict[str, Any], url: str, cfg: PoisonJobConfig, image_siz
 
 
 def _bad(rec: dict[str, Any], e: shards.ShardError) -> dict[str, Any]:
-    from ..purify import ERROR_COL
+    from purify_pipeline.stages.shard_io import ERROR_COL
 
     return {"__pos__": rec["__pos__"], "__key__": rec["__key__"], ERROR_COL: str(e)}
 
@@ -82,7 +83,7 @@ def load_good_arrays(urls: Sequence[str], cfg: PoisonJobConfig, on_error: str = 
     """(images, labels, keys) of every usable sample, for poisons fitted on the data; with on_error="skip" the
     samples the writers will quarantine are left out (labels outside [0, num_classes) too, when it is known),
     with "raise" the first one raises."""
-    from .._progress import progress as bar
+    from purify_pipeline._progress import progress as bar
 
     images, labels, keys = [], [], []
     size = None
@@ -142,7 +143,7 @@ def poison_shard(poison: Poison, url: str, out_url: str, cfg: PoisonJobConfig, o
     if info.count + len(bad) != len(recs):  # never report a shard that lost samples
         raise RuntimeError(f"{url}: {len(recs)} samples read but {info.count} written + {len(bad)} quarantined")
     counts = np.bincount(np.asarray([g[3] for g in good], dtype=np.int64), minlength=poison.num_classes)
-    from ..purify import ERROR_COL, write_quarantine
+    from purify_pipeline.stages.shard_io import ERROR_COL, write_quarantine
 
     entry = {"input": url, "url": out_url, "name": os.path.basename(out_url), "count": info.count,
              "input_count": len(recs), "output_count": info.count,
@@ -170,7 +171,7 @@ class PoisonShardWriter:
             try:
                 entry = poison_shard(self.poison, str(url), out_url, self.config, self.on_error)
             except shards.ShardError as e:
-                from .._ray_errors import row_error
+                from purify_pipeline._ray_errors import row_error
 
                 raise row_error(e) from None
             rows.append({"index": int(i), "entry": json.dumps(entry)})

@@ -14,71 +14,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._progress import progress as _progress
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import DVAEConfig
-from .models import DVAE
-from .train import to_float_nchw, use_channels_last, warn_if_emulated_bf16
+from purify_pipeline._progress import progress as _progress
+from purify_pipeline.dvae.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from purify_pipeline.dvae.config import DVAEConfig
+from purify_pipeline.dvae.model import DVAE
+from purify_pipeline.dvae.noise import sample_noise
+from purify_pipeline.dvae.train import (
+    to_float_nchw,
+    use_channels_last,
+    warn_if_emulated_bf16,
+)
 
 MODES = ("sample", "mean")
-
-
-def _i64(c: int) -> int:
-    """A 64-bit constant as the signed int64 torch stores (arithmetic wraps modulo 2**64)."""
-    return c - (1 << 64) if c >= (1 << 63) else c
-
-
-def _mix64(x: Tensor) -> Tensor:
-    """splitmix64's finaliser on int64 tensors (logical shifts emulated with masks)."""
-    x = x ^ ((x >> 30) & ((1 << 34) - 1))
-    x = x * _i64(0xBF58476D1CE4E5B9)
-    x = x ^ ((x >> 27) & ((1 << 37) - 1))
-    x = x * _i64(0x94D049BB133111EB)
-    return x ^ ((x >> 31) & ((1 << 33) - 1))
-
-
-def sample_noise(seed: int, sample_ids: np.ndarray | Tensor, shape: Sequence[int], passes: int = 3,
-                 device: str | torch.device = "cpu") -> Tensor:  # fmt: skip
-    """Standard-normal latent noise (N, passes, *shape); each sample's draw depends on (seed, id) only, so
-    results do not depend on how samples are batched.
-
-    On the CPU: one seeded torch generator per sample (torch's fast randn). On an accelerator: a counter-based
-    generator that runs on the device (`counter_noise`), since a per-sample host loop would starve a GPU.
-    The two give different (equally distributed) draws: the same seed reproduces bytes per device type.
-    """
-    device = torch.device(device)
-    if device.type != "cpu":
-        return counter_noise(seed, sample_ids, shape, passes, device)
-    ids = np.asarray(sample_ids.cpu() if isinstance(sample_ids, Tensor) else sample_ids, dtype=np.int64)
-    base = int(_mix64(torch.tensor(seed, dtype=torch.int64)))
-    seeds = _mix64(torch.from_numpy(ids) * _i64(0x9E3779B97F4A7C15) + base)
-    out = torch.empty((len(ids), passes, *shape))
-    gen = torch.Generator()
-    for i, s in enumerate(seeds.tolist()):
-        gen.manual_seed(s & ((1 << 63) - 1))
-        torch.randn((passes, *shape), generator=gen, out=out[i])
-    return out
-
-
-def counter_noise(seed: int, sample_ids: np.ndarray | Tensor, shape: Sequence[int], passes: int = 3,
-                  device: str | torch.device = "cpu") -> Tensor:  # fmt: skip
-    """Counter-based normals: splitmix64 of (seed, id, element) -> two 24-bit uniforms -> Box-Muller, in torch."""
-    device = torch.device(device)
-    ids = torch.as_tensor(np.asarray(sample_ids, dtype=np.int64) if not isinstance(sample_ids, Tensor) else sample_ids,
-                          dtype=torch.int64, device=device)  # fmt: skip
-    numel = passes * int(np.prod(shape))
-    half = (numel + 1) // 2
-    base = _mix64(_mix64(ids * _i64(0x9E3779B97F4A7C15) + _mix64(torch.tensor(seed, dtype=torch.int64, device=device))))
-    ctr = torch.arange(half, dtype=torch.int64, device=device) * 2
-    h1 = _mix64(base[:, None] + ctr[None, :] * _i64(0xD1B54A32D192ED03))
-    h2 = _mix64(base[:, None] + (ctr[None, :] + 1) * _i64(0xD1B54A32D192ED03))
-    scale = 1.0 / (1 << 24)
-    u1 = (((h1 >> 40) & 0xFFFFFF).to(torch.float32) + 0.5) * scale  # (0, 1): log is finite
-    u2 = ((h2 >> 40) & 0xFFFFFF).to(torch.float32) * scale
-    r = torch.sqrt(-2.0 * torch.log(u1))
-    theta = (2.0 * torch.pi) * u2
-    z = torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=1)[:, :numel]
-    return z.reshape(len(ids), passes, *shape)
 
 
 def validate_batch(images: Any, labels: Any, *, num_classes: int, image_size: int) -> tuple[np.ndarray, np.ndarray]:

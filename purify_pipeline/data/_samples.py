@@ -1,5 +1,5 @@
 """Sample-level pieces shared by the shard reader and the stages: `ShardError` (bad input, naming shard and
-key) and decoding/encoding of one sample's image and label. Re-exported by `purify_pipeline.shards`."""
+key) and decoding/encoding of one sample's image and label. Re-exported by `purify_pipeline.data.shards`."""
 from __future__ import annotations
 
 import io

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from purify_pipeline import shards
-from purify_pipeline.augment import random_crop_flip, to_float_nchw
+from purify_pipeline.data import shards
+from purify_pipeline.data.augment import random_crop_flip, to_float_nchw
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:

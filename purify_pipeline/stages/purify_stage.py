@@ -15,29 +15,27 @@ how Ray batches, orders or retries rows, and equals ``Purifier.purify`` with the
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping
 
 import numpy as np
 
-from .shards import IMAGE_EXTS, ShardError, decode_image, encode_png, find_image_column, parse_label, to_rgb
+from purify_pipeline.data.shards import (
+    IMAGE_EXTS,
+    ShardError,
+    decode_image,
+    encode_png,
+    find_image_column,
+    parse_label,
+    to_rgb,
+)
 
-__all__ = ["PurifyBatch", "PurifyConfig", "PurifyStage", "sample_ids_for_keys"]
+__all__ = ["PurifyBatch", "PurifyConfig", "PurifyStage"]
 
 OnError = Literal["raise", "skip"]
 _log = logging.getLogger(__name__)
 _RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
-
-
-def sample_ids_for_keys(keys: Any) -> np.ndarray:
-    """Stable non-negative int64 per key: blake2b-64 of the UTF-8 key (bytes are hashed as they are)."""
-    out = np.empty(len(keys), dtype=np.int64)
-    for i, k in enumerate(keys):
-        b = k if isinstance(k, (bytes, bytearray)) else str(k).encode("utf-8")
-        out[i] = int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little") & ((1 << 63) - 1)
-    return out
 
 
 @dataclass(frozen=True)
@@ -125,7 +123,7 @@ class PurifyBatch:
     def __init__(self, checkpoint: str | None = None, *, config: PurifyConfig | None = None, **kwargs: Any) -> None:
         import torch
 
-        from .purifier import Purifier
+        from purify_pipeline.dvae.purifier import Purifier
 
         if config is None:
             if checkpoint is None:
@@ -199,7 +197,7 @@ class PurifyBatch:
                 lab = self._label(batch[cfg.label_column][i] if cfg.label_column in batch else None, shard, key)
             except ShardError as e:
                 if cfg.on_error == "raise":
-                    from ._ray_errors import row_error
+                    from purify_pipeline._ray_errors import row_error
 
                     raise row_error(e) from None
                 errors[i] = str(e)
@@ -231,6 +229,8 @@ class PurifyBatch:
             return np.empty((0, self.size, self.size, 3), np.uint8)
         x = np.stack(images)
         y = np.asarray(labels, dtype=np.int64)
+        from purify_pipeline.dvae.noise import sample_ids_for_keys
+
         ids = sample_ids_for_keys(keys if keys is not None else [im.tobytes() for im in images])
         if self.device.type == "cpu":
             return self.purifier.purify(x, y, mode=self.cfg.mode, seed=self.cfg.seed, sample_ids=ids,
@@ -243,7 +243,7 @@ class PurifyBatch:
         passes fused in one no-grad ``purify_torch`` call, uint8 copied back once."""
         import torch
 
-        from .purifier import sample_noise
+        from purify_pipeline.dvae.noise import sample_noise
 
         out = np.empty_like(x)
         bs = self.cfg.model_batch_size

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .models import DVAEOutput
+from purify_pipeline.dvae.model import DVAEOutput
 
 
 def kl_per_position(mu: Tensor, logvar: Tensor) -> Tensor:

@@ -192,14 +192,14 @@ def _rank(key: str, seed: int) -> int:
 
 
 def _shard_ranks(url: str, seed: int, so: dict | None = None) -> list[int]:
-    from . import shards
+    from purify_pipeline.data import shards
 
     return [_rank(s["__key__"], seed) for s in shards.iter_samples(url, storage_options=so)]
 
 
 def _shard_sample(url: str, seed: int, cutoff: int, so: dict | None = None) -> list[tuple[int, np.ndarray, int]]:
     """(rank, decoded image, label) of the shard's samples whose rank is <= cutoff."""
-    from . import shards
+    from purify_pipeline.data import shards
 
     out = []
     for s in shards.iter_samples(url, storage_options=so):
@@ -217,7 +217,7 @@ def audit_shards(urls: str | Sequence[str], *, num_classes: int | None = None, m
     """Audit WebDataset shards (`.cls` labels): the `max_images` samples of smallest seeded key hash, i.e. a
     uniform sample that does not depend on shard order. use_ray=True runs it as two Ray Data passes (hash
     the keys per shard, then decode only the sampled images per shard); the sample and result are the same."""
-    from . import shards
+    from purify_pipeline.data import shards
 
     so = dict(storage_options or {})
     found = shards.expand(urls, storage_options=so)
@@ -263,7 +263,7 @@ def audit_dataset(ds: Any, *, image_column: str | None = None, label_column: str
     an integer label. Two passes: the keys' seeded hashes (a key column only), then the `max_images` rows of
     smallest hash, decoded where they are. The same sample, hence the same result, as `audit_shards` over
     the shards the dataset was read from."""
-    from . import shards
+    from purify_pipeline.data import shards
 
     def ranks(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"r": np.array([_rank(str(k), seed) for k in batch[key_column]], dtype=np.uint64)}

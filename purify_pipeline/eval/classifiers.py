@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models.dvae import BasicBlock
+from purify_pipeline._blocks import BasicBlock
 
 _PRESETS: dict[str, dict[str, Any]] = {
     # The evaluation protocol of Yu et al. (and ISS, UEraser, ...): the defaults of the dataclass.
@@ -54,7 +54,6 @@ class ClassifierConfig:
     arch: str = "resnet18"  # "resnet18" (CIFAR ResNet-18, 11.2 M params) or "fastnet"
     num_classes: int = 10
     width: int = 64  # channels of the first stage (ResNet-18: 64 -> 512; fastnet: w, 2w, 4w)
-    whiten: bool = False  # fastnet only: frozen 2x2 patch-whitening stem fitted on the training images
     epochs: int = 60
     batch_size: int = 128
     lr: float = 0.1
@@ -90,8 +89,6 @@ class ClassifierConfig:
         for name in ("num_classes", "width", "epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.whiten and self.arch != "fastnet":
-            raise ValueError("whiten=True needs arch='fastnet'")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.label_smoothing < 1:
@@ -124,6 +121,9 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ClassifierConfig":
+        d = dict(d)
+        if d.pop("whiten", False):  # retired: configs recorded before it was removed carry "whiten": false
+            raise ValueError("whiten=True (the patch-whitening stem) is no longer supported")
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown ClassifierConfig fields: {sorted(unknown)}")
@@ -131,7 +131,7 @@ class ClassifierConfig:
 
 
 # ---------------------------------------------------------------- CIFAR ResNet-18 (the paper's evaluator)
-# BasicBlock: the same CIFAR ResNet block the D-VAE encoder uses (models/dvae.py).
+# BasicBlock: the CIFAR ResNet block, shared with the D-VAE encoder (_blocks.py).
 
 
 class ResNet18(nn.Module):
@@ -175,32 +175,16 @@ class ConvGroup(nn.Module):
 class FastNet(nn.Module):
     """Small VGG with BN for CPU evaluation: a stem, three conv stages (w, 2w, 4w) each halving the size, max-pool head.
 
-    With `whiten=True` the stem is airbench's frozen 2x2 patch-whitening conv (24 channels: the whitening
-    filters and their negatives; only its bias trains), set from training images by `set_whitening`;
-    otherwise a learnable 3x3 conv-BN-GELU. Logits are scaled by 1/8 (airbench), which with label
+    The stem is a learnable 3x3 conv-BN-GELU. Logits are scaled by 1/8 (airbench), which with label
     smoothing keeps the high learning rate stable.
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 64, whiten: bool = False) -> None:
+    def __init__(self, num_classes: int = 10, width: int = 64) -> None:
         super().__init__()
         w = width
-        if whiten:
-            self.stem = nn.Conv2d(3, 24, 2, bias=True)
-            self.stem.weight.requires_grad_(False)
-            stem_out = 24
-        else:
-            self.stem = nn.Sequential(nn.Conv2d(3, w // 2, 3, padding=1, bias=False), nn.BatchNorm2d(w // 2))
-            stem_out = w // 2
-        self.stages = nn.Sequential(ConvGroup(stem_out, w), ConvGroup(w, 2 * w), ConvGroup(2 * w, 4 * w))
+        self.stem = nn.Sequential(nn.Conv2d(3, w // 2, 3, padding=1, bias=False), nn.BatchNorm2d(w // 2))
+        self.stages = nn.Sequential(ConvGroup(w // 2, w), ConvGroup(w, 2 * w), ConvGroup(2 * w, 4 * w))
         self.head = nn.Linear(4 * w, num_classes, bias=False)
-
-    @torch.no_grad()
-    def set_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
-        """Set the whitening stem from float NCHW images in [0, 1] (a few thousand are plenty)."""
-        if not isinstance(self.stem, nn.Conv2d):
-            raise ValueError("this FastNet was built without whiten=True")
-        w = whitening_filters(images, eps)
-        self.stem.weight.copy_(torch.cat([w, -w]).to(self.stem.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(F.gelu(self.stem(x)))
@@ -208,22 +192,11 @@ class FastNet(nn.Module):
         return self.head(x) / 8.0
 
 
-def whitening_filters(images: torch.Tensor, eps: float = 5e-4) -> torch.Tensor:
-    """12 conv filters (12, 3, 2, 2) that whiten the 2x2 RGB patches of `images` (float NCHW): the
-    eigenvectors of the (uncentred) patch covariance scaled by 1/sqrt(eigenvalue + eps), largest first."""
-    x = images.float()
-    patches = x.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()
-    cov = patches.T @ patches / len(patches)
-    evals, evecs = torch.linalg.eigh(cov)
-    evals, evecs = evals.flip(0), evecs.T.flip(0)  # largest first
-    return (evecs / torch.sqrt(evals.clamp_min(0) + eps)[:, None]).reshape(12, 3, 2, 2).float()
-
-
 def build_classifier(cfg: ClassifierConfig) -> nn.Module:
     """A freshly initialised classifier for `cfg` (seed the global torch RNG first for reproducibility)."""
     if cfg.arch == "resnet18":
         return ResNet18(cfg.num_classes, cfg.width)
-    return FastNet(cfg.num_classes, cfg.width, whiten=cfg.whiten)
+    return FastNet(cfg.num_classes, cfg.width)
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -15,8 +15,8 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
-from . import shards
-from .shards import ShardError
+from purify_pipeline.data import shards
+from purify_pipeline.data.shards import ShardError
 
 __all__ = ["QUARANTINE_DIR", "check_not_input", "clean_own_tmp", "duplicate_keys", "existing_names", "is_own_tmp",
            "own_names", "raise_on_duplicates", "remove_own"]

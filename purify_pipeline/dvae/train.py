@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ._progress import progress as _progress
-from .config import DVAEConfig
-from .losses import dvae_loss
+from purify_pipeline._progress import progress as _progress
+from purify_pipeline.dvae.config import DVAEConfig
+from purify_pipeline.dvae.losses import dvae_loss
 
 Batches = Callable[[int], Iterable[tuple[Any, Any]]]
 EpochCallback = Callable[[int, dict[str, float]], None]

@@ -24,9 +24,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from purify_pipeline._progress import progress as _bar
-from purify_pipeline.augment import random_crop_flip, to_float_nchw, ueraser
-from purify_pipeline.classifiers import ClassifierConfig, build_classifier, num_parameters
-from purify_pipeline.train import warn_if_emulated_bf16
+from purify_pipeline.data.augment import random_crop_flip, to_float_nchw, ueraser
+from purify_pipeline.dvae.train import warn_if_emulated_bf16
+from purify_pipeline.eval.classifiers import (
+    ClassifierConfig,
+    build_classifier,
+    num_parameters,
+)
 
 
 def _check_split(images: np.ndarray, labels: np.ndarray, name: str, num_classes: int) -> None:
@@ -155,8 +159,6 @@ def train_classifier(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_classifier(cfg)
-    if cfg.whiten:  # data-dependent stem: whitening filters from (up to) the first 5000 training images
-        model.set_whitening(to_float_nchw(train_images[:5000]))
     model = model.to(device, memory_format=mf)
     gen = torch.Generator().manual_seed(seed)
 
@@ -247,8 +249,6 @@ def _ray_train_loop(config: dict[str, Any]) -> None:
 
     torch.manual_seed(seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     model = build_classifier(cfg)
-    if cfg.whiten:  # filters computed once in the driver, identical on every rank
-        model.stem.weight.copy_(torch.tensor(config["whitening"]))
     model = ray.train.torch.prepare_model(model.to(memory_format=mf))
     gen = torch.Generator().manual_seed(seed * 7919 + rank)  # this rank's crops
     local_bs = max(2, cfg.batch_size // world)  # cfg.batch_size is the global batch
@@ -365,14 +365,8 @@ def train_classifier_ray(
     datasets = {"train": train_ds.select_columns(cols)}
     if test_ds is not None:
         datasets["test"] = test_ds.select_columns(cols)
-    whitening = None
-    if cfg.whiten:
-        sample = train_ds.take_batch(5000, batch_format="numpy")[image_column]
-        net = build_classifier(cfg)
-        net.set_whitening(to_float_nchw(np.stack(list(sample)) if sample.dtype == object else sample))
-        whitening = net.stem.weight.tolist()
     loop_cfg = {"cfg": cfg.to_dict(), "seed": seed, "image_column": image_column, "label_column": label_column,
-                "num_train": train_ds.count(), "has_test": test_ds is not None, "whitening": whitening,
+                "num_train": train_ds.count(), "has_test": test_ds is not None,
                 "bf16": bf16}
     trainer = TorchTrainer(
         _ray_train_loop,

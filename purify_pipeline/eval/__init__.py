@@ -1,0 +1,1 @@
+"""Evaluation: baseline defenses, classifiers and their trainers (in-process and Ray Train), metrics, the learnability audit."""
