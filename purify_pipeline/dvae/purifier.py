@@ -1,4 +1,4 @@
-"""`Purifier`: the two fitted D-VAE stages and the purification they perform (`fit.fit_two_stage` trains them).
+"""`Purifier`: the two fitted D-VAE stages and the purification they perform (`two_stage.fit_two_stage` trains them).
 
 Stage 1:  x1 = clamp(x - p1(x, y), 0, 1), quantised to uint8 (the stage-2 model is trained on such images).
 Stage 2:  x2' = clamp(x1 - p2(x1, y), 0, 1);  x_final = D2(x2') — three D-VAE forward passes per image.
