@@ -4,11 +4,14 @@
     nice -n 15 python benchmarks/audit.py --skip-timing
 
 Clean sets (calibration): train-{000000..000009}, {000010..000019}, ... {000040..000049} and the test split
-(10k each), plus JPEG-10 / grayscale / BDR-2 of the first subset. Poisons: matrix.py's cpu-mini poisons
-(first 10k training images, seed 0, cached under benchmarks/cache/audit/), each undefended and with JPEG-10,
-grayscale, BDR; D-VAE-purified LSP from the demo when /tmp/demo-cpu-mini/data/purified exists and its keys and
-labels match. Classifier accuracies come from benchmarks/results/cpu-mini/matrix.json, only for cells whose
-poison_sha256 equals the digest of the bytes audited here. Results: benchmarks/results/audit/.
+(10k each), plus JPEG-10 / grayscale / BDR-2 of the first subset. Poisons: the cpu-mini accuracy matrix's own
+poisoned sets (first 10k training images, seed 0), read from the matrix cache (--matrix-cache, default
+benchmarks/cache/cpu-mini; the cheap poisons are generated there by matrix.py's code when missing, the optimised
+ones - em, tap, rem, sep - only with --generate), each undefended and with JPEG-10, grayscale, BDR; and every
+D-VAE-purified set the matrix cache holds (`dvae-<poison>-<preset>-s<fit seed>-*/purified`, one row per fit).
+Classifier accuracies come from the matrix's cells (its cache's cells/ and the committed matrix.json), only for
+cells whose poison_sha256 equals the digest of the bytes audited here (and, for D-VAE rows, the same fit seed).
+Results: benchmarks/results/audit/.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ CACHE = REPO / "benchmarks" / "cache" / "audit"
 OUT = REPO / "benchmarks" / "results" / "audit"
 CLEAN = {f"train-{i:02d}k": f"train-{{{i:06d}..{i + 9:06d}}}.tar" for i in range(0, 50, 10)}
 CLEAN["test"] = "test-{000000..000009}.tar"
-POISONS = ["lsp", "ar", "ops", "classwise", "random", "em", "tap"]
+POISONS = ["lsp", "ar", "ops", "classwise", "random", "em", "tap", "rem", "sep", "cuda"]
+OPTIMISED = ("em", "tap", "rem", "sep")  # minutes to generate: audited when the matrix cache has them (or --generate)
 
 
 def load(pattern: str) -> shards.ShardArrays:
@@ -65,7 +69,9 @@ def auroc(pos: list[float], neg: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-timing", action="store_true")
-    ap.add_argument("--demo", default="/tmp/demo-cpu-mini/data/purified")
+    ap.add_argument("--matrix-cache", default=str(REPO / "benchmarks" / "cache" / "cpu-mini"),
+                    help="the cpu-mini matrix cache: its poisoned sets, D-VAE-purified sets and cells")
+    ap.add_argument("--generate", action="store_true", help="also generate missing optimised poisons (minutes each)")
     ap.add_argument("--only", help="regex: measure only the sets it matches (parallel workers; rows are cached "
                     "under benchmarks/cache/audit/rows/), then run without it to assemble the report")
     ap.add_argument("--timing-only", action="store_true", help="measure runtime only (timing.json)")
@@ -104,35 +110,47 @@ def main() -> None:
     margin = max(max(clean_scores) - min(clean_scores), 0.02)
     thresholds = (max(clean_scores) + margin, max(clean_scores) + 4 * margin)
 
-    cells = json.loads((REPO / "benchmarks" / "results" / "cpu-mini" / "matrix.json").read_text())["cells"]
+    mcache = Path(args.matrix_cache)
+    cells = {matrix.cell_name(c): c for c in
+             json.loads((REPO / "benchmarks" / "results" / "cpu-mini" / "matrix.json").read_text())["cells"]}
+    cells.update({f.stem: json.loads(f.read_text()) for f in sorted((mcache / "cells").glob("*.json"))})
+    cells = list(cells.values())  # a cell measured in the cache wins over the committed one of the same name
+
+    def matched(p: str, d: str, digest: str, fit: int | None = None) -> tuple[float | None, float | None]:
+        """Mean classifier accuracy of the matrix cells on exactly these bytes, and of cells on other bytes."""
+        cs = [c for c in cells if c["poison"] == p and c["defense"] == d
+              and (fit is None or (c.get("dvae_fit_seed") or 0) == fit)]  # fmt: skip
+        same = [c["test_acc"] for c in cs if c.get("poison_sha256") == digest]
+        other = [c["test_acc"] for c in cs if c.get("poison_sha256") != digest]
+        return (float(np.mean(same)) if same else None), (float(np.mean(other)) if other and not same else None)
+
     for p in POISONS:
-        f = CACHE / f"poisoned-{p}.npz"
-        if not f.exists() and p in ("em", "tap"):
-            print(f"{p}: not generated (benchmarks/cache/audit/poisoned-{p}.npz missing)", flush=True)
+        if not (mcache / f"poisoned-{p}.npz").exists() and p in OPTIMISED and not args.generate:
+            print(f"{p}: not generated ({mcache}/poisoned-{p}.npz missing; --generate makes it)", flush=True)
             continue
-        x, _ = matrix._poisoned(CACHE, p, sub0)
+        x, _ = matrix._poisoned(mcache, p, sub0)
         digest = matrix.poison_digest(x)
         for d in ("none", "jpeg10", "grayscale", "bdr"):
             def xd(d: str = d) -> np.ndarray:
                 return x if d == "none" else apply_defense(matrix.DEFENSES[d][0], x, **matrix.DEFENSES[d][1])
 
-            accs = [c["test_acc"] for c in cells if c["poison"] == p and c["defense"] == d]
-            same = [c["test_acc"] for c in cells if c["poison"] == p and c["defense"] == d
-                    and c.get("poison_sha256") == digest]  # fmt: skip
+            acc, other = matched(p, d, digest)
             run(f"{p}+{d}", "poisoned", xd, sub0.labels, poison=p, defense=d, poison_sha256=digest,
-                matrix_acc=float(np.mean(same)) if same else None,
-                matrix_acc_unverified=float(np.mean(accs)) if accs and not same else None)  # fmt: skip
-    demo = Path(args.demo)
-    if demo.exists():
-        pur = shards.load_arrays(str(demo / "*.tar"), progress=False)
-        pois = shards.load_arrays(str(demo.parent / "poisoned" / "*.tar"), progress=False)
-        same_set = pur.keys == pois.keys and np.array_equal(pur.labels, pois.labels)
-        same_clean = pois.keys == sub0.keys and np.array_equal(pois.labels, sub0.labels)
-        run("demo-lsp+dvae", "poisoned", lambda: pur.images, pur.labels, poison="lsp", defense="dvae-demo",
-            keys_match_poisoned=same_set, keys_match_clean_subset=same_clean,
-            poison_sha256=matrix.poison_digest(pois.images))  # fmt: skip
-    else:
-        print(f"{demo}: no D-VAE-purified demo set; D-VAE column not measured", flush=True)
+                matrix_acc=acc, matrix_acc_unverified=other)  # fmt: skip
+        for fit_dir in sorted(mcache.glob(f"dvae-{p}-*-s*-*")):
+            man = fit_dir / "poisoned" / "manifest.json"
+            if not (fit_dir / "purified").is_dir() or not man.exists():
+                continue
+            if json.loads(man.read_text()).get("poison_sha256") != digest:
+                print(f"{fit_dir.name}: fitted on another generation of {p}; skipped", flush=True)
+                continue
+            fit = int(fit_dir.name.split("-s")[-1].split("-")[0])
+            pur = shards.load_arrays(str(fit_dir / "purified" / "purified-*.tar"), progress=False)
+            if pur.keys != sub0.keys:
+                raise RuntimeError(f"{fit_dir}: purified keys differ from the poisoned subset's")
+            acc, other = matched(p, "dvae", digest, fit)
+            run(f"{p}+dvae-fit{fit}", "poisoned", lambda: pur.images, sub0.labels, poison=p, defense="dvae",
+                dvae_fit_seed=fit, poison_sha256=digest, matrix_acc=acc, matrix_acc_unverified=other)  # fmt: skip
 
     if args.only:
         return

@@ -23,14 +23,14 @@ sys.path.insert(0, str(REPO))
 
 from purify_pipeline import poisons, shards  # noqa: E402
 
-OPTIMISED = ("em", "tap")
+OPTIMISED = ("em", "tap", "rem", "sep")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10"))
     ap.add_argument("--n", type=int, default=10000, help="images for lsp/ar/ops/random/classwise")
-    ap.add_argument("--n-optimised", type=int, default=1000, help="images for em/tap (default CPU knobs)")
+    ap.add_argument("--n-optimised", type=int, default=1000, help="images for em/tap/rem/sep (default CPU knobs)")
     ap.add_argument("--poisons", nargs="+", default=list(poisons.POISONS))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "poisons"))
     args = ap.parse_args()

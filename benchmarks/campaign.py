@@ -13,7 +13,8 @@ commits them, and the next campaign continues from there.
 
 Priority: (1) D-VAE on EM, AR, OPS, TAP at full scale, each with its undefended row (D-VAE epochs fitted to the
 budget, recorded in the cell); (2) second seeds (a second D-VAE fit and classifier seed) of every D-VAE cell;
-(3) the paper's full 60 + 60-epoch fit on LSP. A step needs at least --min-step-s of budget left.
+(3) the paper's full 60 + 60-epoch fit on LSP; (4) the rest of the threat model, D-VAE and undefended on CUDA, SEP
+and REM. A step needs at least --min-step-s of budget left.
 """
 from __future__ import annotations
 
@@ -28,9 +29,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RAW = REPO / "benchmarks" / "results" / "paper" / "raw"
 POISONS = ["em", "ar", "ops", "tap"]
+LATER_POISONS = ["cuda", "sep", "rem"]  # after the first four's second seeds and the full LSP fit
 PAPER_EPOCHS = 60
-# the EM/TAP surrogates at the paper's settings take most of a short GPU run; the changed settings are recorded
-POISON_SET = {"em": ["surrogate=small", "max_rounds=10"]}
+# the optimised poisons' surrogates at the paper's settings take most of a short GPU run; the changed settings
+# are recorded in each cell's poison budget
+POISON_SET = {"em": ["surrogate=small", "max_rounds=10"], "rem": ["surrogate=small", "max_rounds=10"],
+              "sep": ["surrogate_epochs=40", "checkpoints=10"]}  # fmt: skip
+SMOKE_SET = {"em": ["surrogate=small", "max_rounds=1"], "rem": ["surrogate=small", "max_rounds=1", "adv_steps=1"],
+             "tap": ["surrogate=small", "surrogate_epochs=1", "pgd_steps=2"],
+             "sep": ["surrogate=small", "surrogate_epochs=2", "checkpoints=2", "pgd_steps=2"]}  # fmt: skip
 
 
 def measured(paths: list[str]) -> set[tuple[str, str, int, int | None]]:
@@ -49,7 +56,7 @@ def _has(have: set, poison: str, defense: str, seed: int, full: bool = False) ->
                for p, d, s, e in have)  # fmt: skip
 
 
-def next_step(have: set, poisons: list[str]) -> dict | None:
+def next_step(have: set, poisons: list[str], later: list[str] = LATER_POISONS) -> dict | None:
     """The first missing step of the priority list: {"name", "poison", "jobs", "seed", "dvae_epochs"}."""
     for p in poisons:
         jobs = [j for j in ("dvae", "none") if not _has(have, p, j, 0)]
@@ -60,6 +67,10 @@ def next_step(have: set, poisons: list[str]) -> dict | None:
             return {"name": f"{p}-s1", "poison": p, "jobs": ["dvae"], "seed": 1, "dvae_epochs": None}
     if not _has(have, "lsp", "dvae", 0, full=True):
         return {"name": "lsp-full", "poison": "lsp", "jobs": ["dvae"], "seed": 0, "dvae_epochs": PAPER_EPOCHS}
+    for p in later:
+        jobs = [j for j in ("dvae", "none") if not _has(have, p, j, 0)]
+        if jobs:
+            return {"name": f"{p}-s0", "poison": p, "jobs": jobs, "seed": 0, "dvae_epochs": None}
     return None
 
 
@@ -70,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=520.0, help="wall budget of this call (<= 9 min a call)")
     ap.add_argument("--min-step-s", type=float, default=240.0, help="start no step with less budget than this left")
     ap.add_argument("--poisons", nargs="+", default=POISONS, help="priority order of the poisons to add")
+    ap.add_argument("--later-poisons", nargs="+", default=LATER_POISONS,
+                    help="poisons added after the first ones' second seeds and the full LSP fit")
     ap.add_argument("--committed", default=str(RAW), help="folder of the committed results.jsonl files")
     ap.add_argument("--device", default=None, help="passed to paper_gpu.py (default: cuda when present)")
     ap.add_argument("--smoke", action="store_true", help="paper_gpu.py --smoke (tiny widths, 1k images): CPU check")
@@ -81,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ran = []
     while True:
         files = sorted(glob.glob(f"{args.committed}/*.jsonl")) + sorted(glob.glob(f"{out}/*/results.jsonl"))
-        step = next_step(measured(files), args.poisons)
+        step = next_step(measured(files), args.poisons, args.later_poisons)
         left = t_end - time.monotonic()
         print(json.dumps({"next": step, "budget_left_s": round(left), "measured_from": len(files)}), flush=True)
         if args.plan or step is None or left < args.min_step_s or step["name"] in ran or len(ran) == args.max_steps:
@@ -91,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                "--budget-s", str(int(left - 30)), "--jobs", *step["jobs"]]  # fmt: skip
         if step["dvae_epochs"]:
             cmd += ["--dvae-epochs", str(step["dvae_epochs"])]
-        sets = POISON_SET.get(step["poison"], [])
-        if args.smoke and step["poison"] in ("em", "tap", "rem"):
-            sets = ["surrogate=small", "max_rounds=1"]
+        sets = (SMOKE_SET if args.smoke else POISON_SET).get(step["poison"], [])
         for kv in sets:
             cmd += ["--poison-set", kv]
         if args.device:

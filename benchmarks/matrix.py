@@ -41,7 +41,7 @@ from purify_pipeline.eval.train_classifier import train_classifier  # noqa: E402
 
 TIERS: dict[str, dict[str, Any]] = {
     "cpu-mini": {"train": "train-{000000..000009}.tar", "test": "test-{000000..000009}.tar", "limit": None,
-                 "classifier": "fast", "dvae": "cpu", "poisons": ["lsp", "ar", "ops", "em", "classwise", "tap", "rem", "cuda"]},
+                 "classifier": "fast", "dvae": "cpu", "poisons": ["lsp", "ar", "ops", "em", "classwise", "tap", "rem", "sep", "cuda"]},
     "paper": {"train": "train-{000000..000049}.tar", "test": "test-{000000..000009}.tar", "limit": None,
               "classifier": "paper", "dvae": "paper", "poisons": ["lsp", "em"]},
     "smoke": {"train": "train-000000.tar", "test": "test-000000.tar", "limit": 512,

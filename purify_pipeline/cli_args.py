@@ -62,7 +62,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                        "PNG, keys, labels and other members unchanged; manifest.json records the poison.")
     p.add_argument("inputs", nargs="+", help="input shards: brace pattern, glob, directory or paths")
     p.add_argument("output", help="output directory")
-    p.add_argument("--poison", default="lsp", help="lsp, ar, ops, em, rem, random, classwise, tap or cuda (default lsp)")
+    p.add_argument("--poison", default="lsp", help="lsp, ar, ops, em, rem, random, classwise, tap, sep or cuda (default lsp)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="poison budget/knob, e.g. eps=0.0314")
     p.add_argument("--num-classes", type=int, help="number of classes (default: from the inputs' manifest.json)")

@@ -99,3 +99,27 @@ def test_campaign_runs_the_first_missing_step_and_the_next_call_continues(cifar1
     assert plan.returncode == 0, plan.stderr
     nxt = json.loads(plan.stdout.splitlines()[0])["next"]
     assert nxt["name"] == "em-s1" and nxt["seed"] == 1 and nxt["jobs"] == ["dvae"]  # committed EM, then AR's
+
+
+def test_campaign_priority_reaches_the_rest_of_the_threat_model() -> None:
+    """After D-VAE on the first four poisons, their second seeds and the full LSP fit, the campaign adds CUDA, SEP
+    and REM (D-VAE and undefended); every poison setting it passes is a real option of that poison."""
+    import dataclasses
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import campaign
+
+    from purify_pipeline import poisons
+
+    done = {(p, d, s, 15) for p in ["lsp", *campaign.POISONS] for d in ("dvae", "none") for s in (0, 1)}
+    assert campaign.next_step(done, campaign.POISONS)["name"] == "lsp-full"
+    done.add(("lsp", "dvae", 0, 60))
+    steps = []
+    while (step := campaign.next_step(done, campaign.POISONS)) is not None:
+        steps.append((step["name"], step["jobs"]))
+        done |= {(step["poison"], j, step["seed"], 15) for j in step["jobs"]}
+    assert steps == [(f"{p}-s0", ["dvae", "none"]) for p in ("cuda", "sep", "rem")]
+    for table in (campaign.POISON_SET, campaign.SMOKE_SET):
+        for name, kvs in table.items():
+            fields = {f.name for f in dataclasses.fields(poisons.get(name).config_cls)}
+            assert {kv.split("=")[0] for kv in kvs} <= fields, (name, kvs)

@@ -20,7 +20,9 @@ TINY = {
     "em": dict(width=8, pgd_steps=2, step_size=4 / 255, train_steps=2, max_rounds=2, batch_size=128),
     "tap": dict(width=8, surrogate_epochs=1, pgd_steps=3, step_size=2 / 255, batch_size=128),
     "rem": dict(width=8, pgd_steps=2, step_size=4 / 255, train_steps=2, max_rounds=2, batch_size=128, adv_steps=1),
+    "sep": dict(width=8, surrogate_epochs=2, checkpoints=2, pgd_steps=4, step_size=2 / 255, batch_size=128),
 }
+OPTIMISED = ("em", "tap", "rem", "sep")  # sample-wise, optimised against a surrogate during fit
 
 
 def knobs(name: str) -> dict:
@@ -70,10 +72,10 @@ def test_lsp_l2_default_is_the_papers():
     assert default_l2(32, 32) == pytest.approx(1.30, abs=5e-3)
 
 
-@pytest.mark.parametrize("name", ["random", "classwise", "em", "tap", "rem"])
+@pytest.mark.parametrize("name", ["random", "classwise", *OPTIMISED])
 def test_linf_budget_is_exact(small, name):
     x, y, keys = small
-    n = 128 if name in ("em", "tap", "rem") else len(x)
+    n = 128 if name in OPTIMISED else len(x)
     out = poisons.generate(name, x[:n], y[:n], num_classes=10, seed=0, sample_ids=keys[:n], progress=False,
                            **knobs(name))
     d = np.abs(diff(out, x[:n]))
@@ -118,7 +120,7 @@ def test_ops_changes_one_pixel_at_the_class_position(small):
 @pytest.mark.parametrize("name", poisons.POISONS)
 def test_same_seed_same_bytes_other_seed_differs(small, name):
     x, y, keys = small
-    n = 96 if name in ("em", "tap", "rem") else 200
+    n = 96 if name in OPTIMISED else 200
     x, y, keys = x[:n], y[:n], keys[:n]
     kw = dict(num_classes=10, sample_ids=keys, progress=False, **knobs(name))
     a = poisons.generate(name, x, y, seed=1, **kw)
@@ -209,6 +211,40 @@ def test_rem_trains_against_an_adversary(small, monkeypatch):
     assert r.config.adv_steps == 1 and r.config.adv_radius == 4 / 255
     e = poisons.fit("em", x[:96], y[:96], **kw, **{k: v for k, v in knobs("rem").items() if k != "adv_steps"})
     assert digest(r.apply(x[:96], y[:96], sample_ids=keys[:96])) != digest(e.apply(x[:96], y[:96], sample_ids=keys[:96]))
+
+
+def test_sep_attacks_an_ensemble_of_one_runs_checkpoints(small, monkeypatch):
+    """SEP: equidistant checkpoints of one surrogate run (the last epoch among them) form the ensemble; every
+    PGD step sees all of them, towards class (y + 5) mod K, and lowers their mean loss at that target."""
+    from purify_pipeline.poisons import sep
+
+    assert sep.checkpoint_epochs(120, 30) == list(range(4, 121, 4))  # the paper's 30 of 120 epochs
+    assert sep.checkpoint_epochs(10, 5) == [2, 4, 6, 8, 10] and sep.checkpoint_epochs(3, 3) == [1, 2, 3]
+    x, y, keys = small
+    calls = []
+    real = sep.linf_pgd
+
+    def spy(models, xb, tb, delta, **kw):
+        out = real(models, xb, tb, delta, **kw)
+        calls.append((list(models), xb, tb, out))
+        return out
+
+    monkeypatch.setattr(sep, "linf_pgd", spy)
+    p = poisons.fit("sep", x[:256], y[:256], num_classes=10, seed=0, sample_ids=keys[:256], progress=False,
+                    width=8, surrogate_epochs=4, checkpoints=2, pgd_steps=4, step_size=2 / 255, batch_size=64, lr=0.2)
+    assert p.checkpoint_epochs == [2, 4] and p.config.target_shift == 5 and p.config.surrogate == "small"
+    assert len(calls) == 4 and all(len(c[0]) == 2 for c in calls)
+    models, xb, tb, delta = calls[0]
+    assert torch.equal(tb, (torch.from_numpy(y[:64]) + 5) % 10)
+    assert not torch.equal(models[0].features[0].weight, models[1].features[0].weight)  # two points of one run
+
+    def mean_ce(d):
+        with torch.no_grad():
+            return float(sum(F.cross_entropy(m((xb + d).clamp(0, 1)), tb) for m in models)) / len(models)
+
+    assert mean_ce(delta) < mean_ce(torch.zeros_like(delta)) - 0.05
+    with pytest.raises(ValueError, match="checkpoints"):
+        poisons.fit("sep", x[:8], y[:8], num_classes=10, seed=0, surrogate_epochs=2, checkpoints=3)
 
 
 def test_cuda_filters_and_convolution_are_the_papers(small):
@@ -319,7 +355,7 @@ def test_empty_batch(small, name):
 @pytest.mark.parametrize(
     "name,budget",
     [("lsp", {"l2": -1.0}), ("ar", {"l2": 0.0}), ("random", {"eps": -8 / 255}), ("classwise", {"eps": -0.1}),
-     ("em", {"eps": -8 / 255}), ("tap", {"eps": -8 / 255}), ("em", {"pgd_steps": -1}), ("ar", {"crop": -1})],
+     ("em", {"eps": -8 / 255}), ("tap", {"eps": -8 / 255}), ("sep", {"eps": -8 / 255}), ("em", {"pgd_steps": -1}), ("ar", {"crop": -1})],
 )
 def test_budget_of_the_wrong_sign(small, name, budget):
     x, y, _ = small

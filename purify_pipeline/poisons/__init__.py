@@ -6,9 +6,10 @@
     batch_out = p.apply(batch, batch_labels, sample_ids=batch_keys)                # cheap per batch
     poisons.poison_shards("clean/train-{000000..000049}.tar", "out/", "ar", seed=0)  # Ray Data job
 
-Names (`POISONS`): lsp, ar, ops, em, random, classwise, tap, cuda, rem (EM against an adversary) (class-wise blur filters, not
-additive: `quantised` is poisoned - clean). Budgets default to the original papers'
-values and are keyword options (`eps=`, `l2=`, ...); compute knobs for em/tap likewise. Per-sample noise
+Names (`POISONS`): lsp, ar, ops, em, random, classwise, tap, cuda (class-wise blur filters, not additive:
+`quantised` is poisoned - clean), rem (EM against an adversary), sep (targeted PGD against the checkpoints of one
+training run). Budgets default to the original papers'
+values and are keyword options (`eps=`, `l2=`, ...); compute knobs for em/rem/tap/sep likewise. Per-sample noise
 comes from (seed, sample id): pass `sample_ids` (ints or string keys) and the bytes do not depend on
 batching. The poisoned image is clip(x + round(255·delta)) and every budget holds after that quantisation.
 """
@@ -26,9 +27,10 @@ from .em import EM, REM
 from .lsp import LSP
 from .noise import ClasswiseNoise, RandomNoise
 from .ops import OPS
+from .sep import SEP
 from .tap import TAP
 
-_REGISTRY: dict[str, type[Poison]] = {c.name: c for c in (LSP, AR, OPS, EM, RandomNoise, ClasswiseNoise, TAP, CUDA, REM)}
+_REGISTRY: dict[str, type[Poison]] = {c.name: c for c in (LSP, AR, OPS, EM, RandomNoise, ClasswiseNoise, TAP, CUDA, REM, SEP)}
 POISONS: tuple[str, ...] = tuple(_REGISTRY)
 
 
@@ -73,5 +75,5 @@ def poison_shards(inputs: Any, output: str, name: str, *, seed: int, **kwargs: A
     return _poison_shards(inputs, output, name, seed=seed, **kwargs)
 
 
-__all__ = ["AR", "CUDA", "EM", "LSP", "OPS", "POISONS", "TAP", "ClasswiseNoise", "Poison", "REM", "RandomNoise", "fit",
+__all__ = ["AR", "CUDA", "EM", "LSP", "OPS", "POISONS", "TAP", "ClasswiseNoise", "Poison", "REM", "RandomNoise", "SEP", "fit",
            "generate", "get", "perturbation", "poison_shards"]

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ._base import Poison
 from ._common import check_positive, quantise_linf, rng_for
@@ -30,6 +29,7 @@ from ._surrogate import (
     resolve_device,
     resolve_knobs,
     to_nchw,
+    train_surrogate,
 )
 
 
@@ -58,28 +58,6 @@ class TAPConfig:
             raise ValueError(f"surrogate must be one of {SURROGATES}, got {self.surrogate!r}")
 
 
-def train_surrogate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
-                    lr: float, device: torch.device, rng: np.random.Generator, progress: bool) -> None:
-    """Plain SGD (momentum 0.9, wd 5e-4, cosine per step) with random flips, on the clean images."""
-    n = len(x)
-    steps = epochs * max(1, n // batch_size)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    model.train()
-    for _ in progress_bar(range(epochs), enabled=progress, desc="tap: surrogate epochs"):
-        perm = rng.permutation(n)
-        for i in range(max(1, n // batch_size)):
-            idx = torch.from_numpy(perm[i * batch_size : (i + 1) * batch_size])
-            xb = x[idx]
-            flip = torch.from_numpy(rng.random(len(idx)) < 0.5)
-            xb = torch.where(flip[:, None, None, None], xb.flip(3), xb)
-            loss = F.cross_entropy(model(xb.to(device)), y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-
-
 class TAP(Poison):
     name = "tap"
     config_cls = TAPConfig
@@ -95,7 +73,8 @@ class TAP(Poison):
         target = (y + 1) % self.num_classes
         model = build_surrogate(cfg.surrogate, self.num_classes, cfg.width, device, self.seed)
         train_surrogate(model, x, y, epochs=cfg.surrogate_epochs, batch_size=min(cfg.batch_size, len(x)),
-                        lr=cfg.lr, device=device, rng=rng_for(self.seed, "tap/order"), progress=progress)
+                        lr=cfg.lr, device=device, rng=rng_for(self.seed, "tap/order"), progress=progress,
+                        desc="tap: surrogate epochs")
         model.eval()
         self.surrogate_accuracy = accuracy(model, x, y, cfg.batch_size, device)
         gen = torch.Generator().manual_seed(self.seed)
