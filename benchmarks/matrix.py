@@ -205,7 +205,7 @@ def report(out: Path, cells: list[dict], facts: dict, tier: str, total_s: float,
                         "retention": ret[0] if ret else None, "psnr": cs[0]["psnr_vs_clean"]})  # fmt: skip
     (out / "matrix.json").write_text(json.dumps({"tier": tier, "cells": cells, "summary": summary,
                                                  "total_seconds": total_s, "machine": facts, **(extra or {})}, indent=1))  # fmt: skip
-    known = ["none", "dvae", *sorted({s["defense"] for s in summary if s["defense"].startswith("dvae-")}), "jpeg10", "grayscale",
+    known = ["none", "dvae", *sorted({s["defense"] for s in summary if s["defense"].startswith(("dvae-", "dvae+"))}), "jpeg10", "grayscale",
              "bdr", "sharpen_ff", *TRAINING_DEFENSES]
     defs = [d for d in known if any(s["defense"] == d for s in summary)]
     pois = list(dict.fromkeys(s["poison"] for s in summary))
@@ -253,7 +253,7 @@ def report(out: Path, cells: list[dict], facts: dict, tier: str, total_s: float,
         ax.bar(np.arange(len(pois)) + j * w, ys, w, label=d)
     ax.set_xticks(np.arange(len(pois)) + w * (len(defs) - 1) / 2, pois)
     ax.set_ylabel("clean test accuracy (%)")
-    ax.legend(fontsize=7, ncol=len(defs))
+    ax.legend(fontsize=7, ncol=max(len(defs), 1))
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=110)
     plt.close(fig)
@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", default=os.environ.get("PURIFY_PIPELINE_DATA", str(REPO.parent / "shared" / "data" / "cifar10")))
     ap.add_argument("--poisons", nargs="+")
     ap.add_argument("--defenses", nargs="+", default=["none", "dvae", "jpeg10", "grayscale", "bdr"],
-                    help="also: sharpen_ff (data), at, ueraser, ueraser-max (training-time defenses)")
+                    help="also: sharpen_ff (data), at, ueraser, ueraser-max (training-time defenses), dvae+<data "
+                    "defense> (the D-VAE output, then that transform: dvae+jpeg10)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--extra-seed-defenses", nargs="+", default=["none", "dvae"],
                     help="defenses run with every seed; the others with the first seed only")
@@ -332,14 +333,18 @@ def main(argv: list[str] | None = None) -> None:
         psha = poison_digest(poisoned)
         purified: dict[str, np.ndarray] = {}
         for d in args.defenses:
-            label = f"dvae-{preset}" if d == "dvae" and preset != tier["dvae"] else d  # a cell per preset
-            seeds = args.seeds if d in args.extra_seed_defenses else args.seeds[:1]
-            if d == "dvae":  # every D-VAE fit seed, each scored with every classifier seed
+            base, _, post = d.partition("+")  # "dvae+jpeg10": the D-VAE output, then a data defense on it
+            label = f"dvae-{preset}" if base == "dvae" and preset != tier["dvae"] else base
+            label += f"+{post}" if post else ""  # a cell per preset and post-transform
+            seeds = args.seeds if d in args.extra_seed_defenses or base == "dvae" else args.seeds[:1]
+            if base == "dvae":  # every D-VAE fit seed, each scored with every classifier seed
                 for f in args.dvae_seeds:
                     if all((cache / "cells" / f"{cell_name({'poison': name, 'defense': label, 'seed': s, 'dvae_fit_seed': f})}.json").exists()
                            for s in seeds):  # fmt: skip
                         continue  # this fit's cells are measured (or restored): no refit for a cache that lacks it
                     x = _dvae(cache, name, poisoned, clean, preset, args, fit_seed=f)
+                    if post:
+                        x = apply_defense(DEFENSES[post][0], x, **DEFENSES[post][1])
                     purified.setdefault(label, x)
                     fit = {"dvae_fit_seed": f, "dvae_config": dvae_fit_config(preset, f).to_dict(),
                            "dvae_bf16": args.dvae_bf16}  # fmt: skip

@@ -164,3 +164,27 @@ def test_matrix_fits_are_keyed_by_their_resolved_config_and_cells_report_the_spr
     s = json.loads((tmp_path / "matrix.json").read_text())["summary"][0]
     assert s["fits"] == [0, 1] and s["mean"] == 72.5 and s["spread"] == 1.5 and s["fit_spread"] == 1.0
     assert "| lsp | 72.5 ± 1.5 (2 fits, fits ± 1.0) |" in (tmp_path / "matrix.md").read_text()
+
+
+def test_matrix_dvae_then_a_data_defense_is_its_own_cell_on_the_same_fits(cifar10_dir: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dvae+jpeg10` reuses each D-VAE fit (no fit of its own), applies JPEG-10 to its output and is scored as its
+    own cell, for every fit seed and classifier seed."""
+    m = _bench_module("matrix")
+    fits, cells = [], []
+
+    def fake_dvae(cache, name, poisoned, clean, preset, args, fit_seed=0):
+        fits.append(fit_seed)
+        return poisoned  # stands in for the purified images
+
+    monkeypatch.setattr(m, "_dvae", fake_dvae)
+    monkeypatch.setattr(m, "run_cell", lambda cache, poison, defense, seed, x, *a, fit=None, **kw:
+                        cells.append((defense, seed, fit["dvae_fit_seed"] if fit else None, x)))
+    m.main(["--tier", "smoke", "--data", str(cifar10_dir), "--poisons", "lsp", "--defenses", "dvae", "dvae+jpeg10",
+            "--seeds", "0", "1", "--dvae-seeds", "0", "1", "--no-clean", "--quiet", "--cache", str(tmp_path / "c"),
+            "--out", str(tmp_path / "o")])
+    assert fits == [0, 1, 0, 1]
+    assert [(d, s, f) for d, s, f, _ in cells] == [(d, s, f) for d in ("dvae", "dvae+jpeg10") for f in (0, 1) for s in (0, 1)]
+    plain, post = cells[0][3], cells[4][3]
+    expect = m.apply_defense("jpeg", plain, quality=10)
+    assert np.array_equal(post, expect) and not np.array_equal(post, plain)
