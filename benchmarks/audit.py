@@ -8,7 +8,8 @@ Clean sets (calibration): train-{000000..000009}, {000010..000019}, ... {000040.
 poisoned sets (first 10k training images, seed 0), read from the matrix cache (--matrix-cache, default
 benchmarks/cache/cpu-mini; the cheap poisons are generated there by matrix.py's code when missing, the optimised
 ones - em, tap, rem, sep - only with --generate), each undefended and with JPEG-10, grayscale, BDR; and every
-D-VAE-purified set the matrix cache holds (`dvae-<poison>-<preset>-s<fit seed>-*/purified`, one row per fit).
+D-VAE-purified set the matrix cache holds (`dvae-<poison>-<preset>-s<fit seed>-*/purified`, one row per fit,
+and one per `dvae+<defense>` post-transform the matrix scored on that fit).
 Classifier accuracies come from the matrix's cells (its cache's cells/ and the committed matrix.json), only for
 cells whose poison_sha256 equals the digest of the bytes audited here (and, for D-VAE rows, the same fit seed).
 Results: benchmarks/results/audit/.
@@ -148,9 +149,19 @@ def main() -> None:
             pur = shards.load_arrays(str(fit_dir / "purified" / "purified-*.tar"), progress=False)
             if pur.keys != sub0.keys:
                 raise RuntimeError(f"{fit_dir}: purified keys differ from the poisoned subset's")
-            acc, other = matched(p, "dvae", digest, fit)
-            run(f"{p}+dvae-fit{fit}", "poisoned", lambda: pur.images, sub0.labels, poison=p, defense="dvae",
-                dvae_fit_seed=fit, poison_sha256=digest, matrix_acc=acc, matrix_acc_unverified=other)  # fmt: skip
+            for d in ("dvae", *sorted({c["defense"] for c in cells if c["defense"].startswith("dvae+")})):
+                post = d.partition("+")[2]
+                acc, other = matched(p, d, digest, fit)
+                if post and acc is None:
+                    continue  # a D-VAE output + post-transform the matrix did not score on this fit
+
+                def xp(post: str = post, pur: shards.ShardArrays = pur) -> np.ndarray:
+                    if not post:
+                        return pur.images
+                    return apply_defense(matrix.DEFENSES[post][0], pur.images, **matrix.DEFENSES[post][1])
+
+                run(f"{p}+{d}-fit{fit}", "poisoned", xp, sub0.labels, poison=p, defense=d, dvae_fit_seed=fit,
+                    poison_sha256=digest, matrix_acc=acc, matrix_acc_unverified=other)  # fmt: skip
 
     if args.only:
         return
