@@ -10,7 +10,8 @@ benchmarks/cache/cpu-mini; the cheap poisons are generated there by matrix.py's 
 ones - em, tap, rem, sep - only with --generate), each undefended and with JPEG-10, grayscale, BDR; and every
 D-VAE-purified set the matrix cache holds (`dvae-<poison>-<preset>-s<fit seed>-*/purified`, one row per fit,
 and one per `dvae+<defense>` post-transform the matrix scored on that fit).
-Classifier accuracies come from the matrix's cells (its cache's cells/ and the committed matrix.json), only for
+Classifier accuracies come from the matrix's cells (its cache's cells/, the committed matrix.json and, for the
+baselines, cpu-mini-regen/matrix.json: EM and TAP re-measured on the bytes the D-VAE fits saw), only for
 cells whose poison_sha256 equals the digest of the bytes audited here (and, for D-VAE rows, the same fit seed).
 Results: benchmarks/results/audit/.
 """
@@ -116,6 +117,8 @@ def main() -> None:
              json.loads((REPO / "benchmarks" / "results" / "cpu-mini" / "matrix.json").read_text())["cells"]}
     cells.update({f.stem: json.loads(f.read_text()) for f in sorted((mcache / "cells").glob("*.json"))})
     cells = list(cells.values())  # a cell measured in the cache wins over the committed one of the same name
+    regen = REPO / "benchmarks" / "results" / "cpu-mini-regen" / "matrix.json"  # EM / TAP baselines on the cached bytes
+    cells += [c for c in json.loads(regen.read_text())["cells"] if not c["defense"].startswith("dvae")]
 
     def matched(p: str, d: str, digest: str, fit: int | None = None) -> tuple[float | None, float | None]:
         """Mean classifier accuracy of the matrix cells on exactly these bytes, and of cells on other bytes."""
