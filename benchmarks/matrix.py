@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tier", choices=sorted(TIERS), default="cpu-mini")
     ap.add_argument("--data", default=os.environ.get("PURIFY_PIPELINE_DATA", str(REPO.parent / "shared" / "data" / "cifar10")))
-    ap.add_argument("--poisons", nargs="+")
+    ap.add_argument("--poisons", nargs="+", help="poisons of the tier (default: all); `clean` = the clean training "
+                    "set under the given defenses")
     ap.add_argument("--defenses", nargs="+", default=["none", "dvae", "jpeg10", "grayscale", "bdr"],
                     help="also: sharpen_ff (data), at, ueraser, ueraser-max (training-time defenses), dvae+<data "
                     "defense> (the D-VAE output, then that transform: dvae+jpeg10)")
@@ -329,8 +330,11 @@ def main(argv: list[str] | None = None) -> None:
     for s in [] if args.no_clean else args.seeds:
         run_cell(cache, "clean", "none", s, clean.images, clean, None, test, clf, args)
     for name in args.poisons or tier["poisons"]:
-        poisoned, delta = _poisoned(cache, name, clean)
-        psha = poison_digest(poisoned)
+        if name == "clean":  # the clean row under other defenses: what a defense costs when nothing is poisoned
+            poisoned, delta, psha = clean.images, None, None
+        else:
+            poisoned, delta = _poisoned(cache, name, clean)
+            psha = poison_digest(poisoned)
         purified: dict[str, np.ndarray] = {}
         for d in args.defenses:
             base, _, post = d.partition("+")  # "dvae+jpeg10": the D-VAE output, then a data defense on it
@@ -360,7 +364,8 @@ def main(argv: list[str] | None = None) -> None:
                 purified[label] = x
             for s in seeds:
                 run_cell(cache, name, label, s, x, clean, delta, test, clf_d, args, poison_sha=psha)
-        if {"dvae", "jpeg10", "grayscale"} <= set(args.defenses) or not (out / f"grid-{name}.png").exists():
+        if name != "clean" and ({"dvae", "jpeg10", "grayscale"} <= set(args.defenses)
+                                or not (out / f"grid-{name}.png").exists()):
             _grid(out / f"grid-{name}.png", clean.images, poisoned, purified)  # a partial re-run keeps the full grid
         report_from_cache(cache, out, args)
     report_from_cache(cache, out, args)

@@ -188,3 +188,22 @@ def test_matrix_dvae_then_a_data_defense_is_its_own_cell_on_the_same_fits(cifar1
     plain, post = cells[0][3], cells[4][3]
     expect = m.apply_defense("jpeg", plain, quality=10)
     assert np.array_equal(post, expect) and not np.array_equal(post, plain)
+
+
+def test_matrix_clean_row_takes_data_and_training_defenses(cifar10_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--poisons clean` scores the clean training set under other defenses (what a defense costs on clean data):
+    no poison is generated, a data defense transforms the clean images, a training defense trains on them as
+    they are with its classifier overrides."""
+    m = _bench_module("matrix")
+    cells = []
+    monkeypatch.setattr(m, "_poisoned", lambda *a, **k: pytest.fail("no poison for the clean row"))
+    monkeypatch.setattr(m, "run_cell", lambda cache, poison, defense, seed, x, clean, delta, test, clf, args, **kw:
+                        cells.append((poison, defense, seed, x, clean, delta, clf, kw.get("poison_sha"))))
+    m.main(["--tier", "smoke", "--data", str(cifar10_dir), "--poisons", "clean", "--defenses", "sharpen_ff", "at",
+            "--seeds", "0", "--no-clean", "--quiet", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o")])
+    (p1, d1, _, x1, clean, delta1, clf1, sha1), (p2, d2, _, x2, _, delta2, clf2, _) = cells
+    assert (p1, d1, p2, d2) == ("clean", "sharpen_ff", "clean", "at") and delta1 is delta2 is None and sha1 is None
+    assert x2 is clean.images and not np.array_equal(x1, clean.images) and x1.shape == clean.images.shape
+    assert clf2.adv_eps == m.TRAINING_DEFENSES["at"]["adv_eps"] > 0 and clf1.adv_eps == 0
+    assert not (tmp_path / "o" / "grid-clean.png").exists()
