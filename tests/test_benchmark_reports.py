@@ -207,3 +207,18 @@ def test_matrix_clean_row_takes_data_and_training_defenses(cifar10_dir: Path, tm
     assert x2 is clean.images and not np.array_equal(x1, clean.images) and x1.shape == clean.images.shape
     assert clf2.adv_eps == m.TRAINING_DEFENSES["at"]["adv_eps"] > 0 and clf1.adv_eps == 0
     assert not (tmp_path / "o" / "grid-clean.png").exists()
+
+
+def test_defense_cost_benchmark_times_each_training_defense_against_standard_training(cifar10_dir: Path,
+                                                                                      tmp_path: Path) -> None:
+    """bench_defense_cost.py: one row per defense with its classifier overrides, a ratio to the undefended epoch,
+    written as JSON and a table."""
+    b = _bench_module("bench_defense_cost")
+    doc = b.main(["--data", str(cifar10_dir), "--images", "64", "--repeats", "1", "--defenses", "none", "ueraser",
+                  "--out", str(tmp_path)])  # fmt: skip
+    rows = {r["defense"]: r for r in doc["rows"]}
+    assert set(rows) == {"none", "ueraser"} and rows["none"]["ratio_to_standard"] == 1.0
+    assert rows["ueraser"]["overrides"] == {"ueraser": 1} and rows["ueraser"]["ratio_to_standard"] > 0
+    assert rows["none"]["s_per_10k_epoch"] == pytest.approx(rows["none"]["median_s"] * 10_000 / 64)
+    assert json.loads((tmp_path / "defense-cost.json").read_text())["rows"] == doc["rows"]
+    assert "| ueraser | ueraser=1 |" in (tmp_path / "defense-cost.md").read_text()
