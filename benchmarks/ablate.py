@@ -229,14 +229,15 @@ def refit_stage2(cache: Path, poison: str, variant: str, args, test: Any) -> Non
 
     Stage 2 trains on the stage-1 outputs x1 as fit_purifier does (mode cfg.stage1_mode, seed cfg.seed); for
     ar/ops/em stage 1 leaves x1 ≈ x (p̂1 explains ~0 of δ), so the final output is stage 2's work alone."""
-    root = matrix_fit_dir(args.matrix_cache, poison, "cpu-v1") / "checkpoint"
+    root = matrix_fit_dir(args.matrix_cache, poison, args.fit_preset, args.fit_seed) / "checkpoint"
     if not (root / "config.json").exists():
         print(f"{poison}: no matrix fit at {root} yet; skipped")
         return
     n = 10_000
     overrides, _ = VARIANTS[variant]
     prec = "bf16" if args.bf16 else "fp32"
-    tag = f"{poison}__n{n}__s2-{variant}__{prec}"
+    of = "" if (args.fit_preset, args.fit_seed) == ("cpu-v1", 0) else f"__of-{args.fit_preset}-s{args.fit_seed}"
+    tag = f"{poison}__n{n}__s2-{variant}{of}__{prec}"
     clean, labels, poisoned, delta = _arrays(Path(args.data), args.matrix_cache, poison, n)
     base = Purifier.load(str(root))
     cfg = DVAEConfig.from_dict({**base.cfg.to_dict(), **overrides})
@@ -246,11 +247,13 @@ def refit_stage2(cache: Path, poison: str, variant: str, args, test: Any) -> Non
         torch.manual_seed(cfg.seed + 1)
         stage2 = DVAE(base.cfg)  # same network (a Purifier's stages share one config); trained with cfg's settings
         hist = fit_stage(stage2, x1, labels, tau=cfg.tau2, epochs=cfg.stage2_epochs, cfg=cfg, seed=cfg.seed + 1,
-                         progress=not args.quiet, desc="stage 2", autocast_dtype=torch.bfloat16 if args.bf16 else None)  # fmt: skip
+                         progress=not args.quiet, desc="stage 2", batch_size=cfg.batch_size_for(2),
+                         autocast_dtype=torch.bfloat16 if args.bf16 else None)  # fmt: skip
         return Purifier(base.stage1, stage2, class_names=base.class_names, metrics={"stage2": hist})
 
     pur, timing = _cached_fit(cache, tag, fit)
-    cell = {"kind": "refit2", "poison": poison, "variant": f"s2-{variant}", "overrides": overrides, "images": n,
+    cell = {"kind": "refit2", "poison": poison, "variant": f"s2-{variant}{of.replace('__', ' ')}", "overrides": overrides,
+            "of_fit": {"preset": args.fit_preset, "seed": args.fit_seed, "checkpoint": root.parent.name}, "images": n,
             "precision": prec, **timing, "steps_per_stage": cfg.steps_per_epoch(n) * cfg.stage2_epochs,
             "final_epoch": _final_epoch(pur.metrics),
             "results": _measure(cache, tag, _outputs(pur, clean, poisoned, labels), clean, labels, delta, test,
@@ -403,6 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", default=os.environ.get("PURIFY_PIPELINE_DATA", str(REPO.parent / "shared" / "data" / "cifar10")))
     ap.add_argument("--cache", default=str(REPO / "benchmarks" / "cache" / "ablate"))
     ap.add_argument("--matrix-cache", type=Path, default=REPO / "benchmarks" / "cache" / "cpu-mini")
+    ap.add_argument("--fit-preset", default="cpu-v1", help="refit2: the preset of the matrix fit whose stage 1 is kept")
+    ap.add_argument("--fit-seed", type=int, default=0, help="refit2: that matrix fit's D-VAE seed")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ablation"))
     ap.add_argument("--path", type=Path, help="checkpoint: the purifier directory (model.safetensors + config.json)")
     ap.add_argument("--label", help="checkpoint: the cell's name in the table")

@@ -4,10 +4,10 @@
     nice -n 15 python benchmarks/audit.py --skip-timing
 
 Clean sets (calibration): train-{000000..000009}, {000010..000019}, ... {000040..000049} and the test split
-(10k each), plus JPEG-10 / grayscale / BDR-2 of the first subset. Poisons: the cpu-mini accuracy matrix's own
+(10k each), plus JPEG-10 / grayscale / BDR-2 / sharpen+filter of the first subset. Poisons: the cpu-mini accuracy matrix's own
 poisoned sets (first 10k training images, seed 0), read from the matrix cache (--matrix-cache, default
 benchmarks/cache/cpu-mini; the cheap poisons are generated there by matrix.py's code when missing, the optimised
-ones - em, tap, rem, sep - only with --generate), each undefended and with JPEG-10, grayscale, BDR; and every
+ones - em, tap, rem, sep - only with --generate), each undefended and with JPEG-10, grayscale, BDR, sharpen+filter; and every
 D-VAE-purified set the matrix cache holds (`dvae-<poison>-<preset>-s<fit seed>-*/purified`, one row per fit,
 and one per `dvae+<defense>` post-transform the matrix scored on that fit).
 Classifier accuracies come from the matrix's cells (its cache's cells/, the committed matrix.json and, for the
@@ -45,6 +45,7 @@ OUT = REPO / "benchmarks" / "results" / "audit"
 CLEAN = {f"train-{i:02d}k": f"train-{{{i:06d}..{i + 9:06d}}}.tar" for i in range(0, 50, 10)}
 CLEAN["test"] = "test-{000000..000009}.tar"
 POISONS = ["lsp", "ar", "ops", "classwise", "random", "em", "tap", "rem", "sep", "cuda"]
+DATA_DEFENSES = ("none", "jpeg10", "grayscale", "bdr", "sharpen_ff")  # transforms of the data the audit can see
 OPTIMISED = ("em", "tap", "rem", "sep")  # minutes to generate: audited when the matrix cache has them (or --generate)
 
 
@@ -105,7 +106,7 @@ def main() -> None:
     for name, pat in CLEAN.items():
         a = load(pat)
         run(name, "clean", lambda: a.images, a.labels)
-    for d in ("jpeg10", "grayscale", "bdr"):
+    for d in DATA_DEFENSES[1:]:
         run(f"train-00k+{d}", "clean", lambda: apply_defense(matrix.DEFENSES[d][0], sub0.images, **matrix.DEFENSES[d][1]),
             sub0.labels, defense=d)  # fmt: skip
     clean_scores = [r["score"] for r in rows] or [0.0]
@@ -134,7 +135,7 @@ def main() -> None:
             continue
         x, _ = matrix._poisoned(mcache, p, sub0)
         digest = matrix.poison_digest(x)
-        for d in ("none", "jpeg10", "grayscale", "bdr"):
+        for d in DATA_DEFENSES:
             def xd(d: str = d) -> np.ndarray:
                 return x if d == "none" else apply_defense(matrix.DEFENSES[d][0], x, **matrix.DEFENSES[d][1])
 

@@ -14,7 +14,8 @@ commits them, and the next campaign continues from there.
 Priority: (1) D-VAE on EM, AR, OPS, TAP at full scale, each with its undefended row (D-VAE epochs fitted to the
 budget, recorded in the cell); (2) second seeds (a second D-VAE fit and classifier seed) of every D-VAE cell;
 (3) the paper's full 60 + 60-epoch fit on LSP; (4) the rest of the threat model, D-VAE and undefended on CUDA, SEP
-and REM. A step needs at least --min-step-s of budget left.
+and REM; (5) the other defenses' columns on every poison: sharpen + filter and UEraser-Lite, then PGD adversarial
+training (with 15 classifier epochs, said in its cells). A step needs at least --min-step-s of budget left.
 """
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ RAW = REPO / "benchmarks" / "results" / "paper" / "raw"
 POISONS = ["em", "ar", "ops", "tap"]
 LATER_POISONS = ["cuda", "sep", "rem"]  # after the first four's second seeds and the full LSP fit
 PAPER_EPOCHS = 60
+DEFENSE_COLUMNS = ["sharpen_ff", "ueraser"]  # one ResNet-18 run each (UEraser-Lite ~1.2x standard training)
+# PGD-10 adversarial training costs ~8x standard training per epoch (benchmarks/results/classifier/defense-cost.md),
+# so the paper's 60 classifier epochs would not fit one call: AT cells train 15 (recorded in the cell, shown as
+# `at-clf15` in the tables)
+AT_CLF_EPOCHS = 15
 # the optimised poisons' surrogates at the paper's settings take most of a short GPU run; the changed settings
 # are recorded in each cell's poison budget
 POISON_SET = {"em": ["surrogate=small", "max_rounds=10"], "rem": ["surrogate=small", "max_rounds=10"],
@@ -71,6 +77,14 @@ def next_step(have: set, poisons: list[str], later: list[str] = LATER_POISONS) -
         jobs = [j for j in ("dvae", "none") if not _has(have, p, j, 0)]
         if jobs:
             return {"name": f"{p}-s0", "poison": p, "jobs": jobs, "seed": 0, "dvae_epochs": None}
+    for p in ["lsp", *poisons, *later]:  # the other defenses' columns: cheap ones first, then adversarial training
+        jobs = [j for j in DEFENSE_COLUMNS if not _has(have, p, j, 0)]
+        if jobs:
+            return {"name": f"{p}-defenses", "poison": p, "jobs": jobs, "seed": 0, "dvae_epochs": None}
+    for p in ["lsp", *poisons, *later]:
+        if not _has(have, p, "at", 0):
+            return {"name": f"{p}-at", "poison": p, "jobs": ["at"], "seed": 0, "dvae_epochs": None,
+                    "clf_epochs": AT_CLF_EPOCHS}
     return None
 
 
@@ -104,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                "--budget-s", str(int(left - 30)), "--jobs", *step["jobs"]]  # fmt: skip
         if step["dvae_epochs"]:
             cmd += ["--dvae-epochs", str(step["dvae_epochs"])]
+        if step.get("clf_epochs"):
+            cmd += ["--clf-epochs", str(step["clf_epochs"])]
         sets = (SMOKE_SET if args.smoke else POISON_SET).get(step["poison"], [])
         for kv in sets:
             cmd += ["--poison-set", kv]

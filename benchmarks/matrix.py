@@ -47,11 +47,7 @@ TIERS: dict[str, dict[str, Any]] = {
     "smoke": {"train": "train-000000.tar", "test": "test-000000.tar", "limit": 512,
               "classifier": "tiny", "dvae": "tiny", "poisons": ["lsp", "ops"]},
 }  # fmt: skip
-DEFENSES = {"none": ("none", {}), "jpeg10": ("jpeg", {"quality": 10}), "grayscale": ("grayscale", {}),
-            "bdr": ("bdr", {"bits": 2}), "sharpen_ff": ("sharpen_ff", {})}  # fmt: skip
-# defenses that change the classifier's training, not the data: ClassifierConfig overrides
-TRAINING_DEFENSES = {"at": {"adv_eps": 8 / 255, "adv_steps": 10}, "ueraser": {"ueraser": 1},
-                     "ueraser-max": {"ueraser": 5}}  # fmt: skip
+from _defenses import DEFENSES, TRAINING_DEFENSES  # noqa: E402  (re-exported: ablate, audit, bench_defense_cost)
 
 
 def _load(data: Path, pattern: str, limit: int | None) -> shards.ShardArrays:
@@ -208,6 +204,7 @@ def report(out: Path, cells: list[dict], facts: dict, tier: str, total_s: float,
     known = ["none", "dvae", *sorted({s["defense"] for s in summary if s["defense"].startswith(("dvae-", "dvae+"))}), "jpeg10", "grayscale",
              "bdr", "sharpen_ff", *TRAINING_DEFENSES]
     defs = [d for d in known if any(s["defense"] == d for s in summary)]
+    defs += sorted({s["defense"] for s in summary} - set(known))  # e.g. `at-clf15`: a shortened schedule's column
     pois = list(dict.fromkeys(s["poison"] for s in summary))
     get = {(s["poison"], s["defense"]): s for s in summary}
     def fmt(s: dict | None) -> str:

@@ -54,7 +54,8 @@ from purify_pipeline.eval.classifiers import ClassifierConfig  # noqa: E402
 from purify_pipeline.eval.defenses import apply_defense  # noqa: E402
 from purify_pipeline.eval.train_classifier import train_classifier  # noqa: E402
 
-DEFENSES = {"jpeg10": ("jpeg", {"quality": 10}), "grayscale": ("grayscale", {}), "bdr": ("bdr", {"bits": 2})}
+from _defenses import DEFENSES, TRAINING_DEFENSES  # noqa: E402  (the matrix's columns)
+
 PAPER_EPOCHS = 60
 
 
@@ -209,6 +210,9 @@ def out_dir(args: argparse.Namespace) -> Path:
 def classify(args: argparse.Namespace, d: dict[str, np.ndarray], x: np.ndarray, defense: str, out: Path,
              extra: dict[str, Any] | None = None) -> None:  # fmt: skip
     cfg = clf_config(args)
+    if defense in TRAINING_DEFENSES:  # adversarial training / UEraser: the same data, another training
+        cfg = dataclasses.replace(cfg, **TRAINING_DEFENSES[defense])
+        extra = {**(extra or {}), "classifier_overrides": TRAINING_DEFENSES[defense]}
 
     def tick(epoch: int, m: dict[str, Any], _model: Any) -> None:
         if (epoch + 1) % 10 == 0 or epoch == 0:
@@ -244,6 +248,8 @@ def job(args: argparse.Namespace) -> None:
         classify(args, d, d["clean"], "clean", out)
     elif name == "none":
         classify(args, d, d["poisoned"], "none", out)
+    elif name in TRAINING_DEFENSES:
+        classify(args, d, d["poisoned"], name, out)
     elif name in DEFENSES:
         kind, kw = DEFENSES[name]
         classify(args, d, apply_defense(kind, d["poisoned"], **kw), name, out)
@@ -311,6 +317,8 @@ def report(runs: list[Path], samples: Path | None, out: Path) -> None:
     for c in cells:  # one column per D-VAE schedule, so a shortened fit is never read as the paper's
         if c["defense"] == "dvae" and c.get("dvae_epochs") != PAPER_EPOCHS:
             c["defense"] = f"dvae-ep{c['dvae_epochs']}"
+        if c["defense"] in TRAINING_DEFENSES and c.get("classifier_epochs") != PAPER_EPOCHS:  # e.g. AT in 15 epochs
+            c["defense"] = f"{c['defense']}-clf{c['classifier_epochs']}"
     first = runs_meta[0]
     gpus: dict[str, list[int]] = {}
     for r in runs_meta:

@@ -115,7 +115,7 @@ def test_campaign_priority_reaches_the_rest_of_the_threat_model() -> None:
     assert campaign.next_step(done, campaign.POISONS)["name"] == "lsp-full"
     done.add(("lsp", "dvae", 0, 60))
     steps = []
-    while (step := campaign.next_step(done, campaign.POISONS)) is not None:
+    while not (step := campaign.next_step(done, campaign.POISONS))["name"].endswith("-defenses"):
         steps.append((step["name"], step["jobs"]))
         done |= {(step["poison"], j, step["seed"], 15) for j in step["jobs"]}
     assert steps == [(f"{p}-s0", ["dvae", "none"]) for p in ("cuda", "sep", "rem")]
@@ -123,3 +123,39 @@ def test_campaign_priority_reaches_the_rest_of_the_threat_model() -> None:
         for name, kvs in table.items():
             fields = {f.name for f in dataclasses.fields(poisons.get(name).config_cls)}
             assert {kv.split("=")[0] for kv in kvs} <= fields, (name, kvs)
+
+
+def test_campaign_then_adds_the_other_defenses_columns_with_at_last() -> None:
+    """After every poison's D-VAE and undefended rows, the campaign adds sharpen+filter and UEraser on each poison,
+    then PGD adversarial training with the shortened classifier schedule it records; then nothing is left."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import campaign
+
+    rows = ["lsp", *campaign.POISONS, *campaign.LATER_POISONS]
+    done = {(p, d, s, 15) for p in rows for d in ("dvae", "none") for s in (0, 1)} | {("lsp", "dvae", 0, 60)}
+    steps = []
+    while (step := campaign.next_step(done, campaign.POISONS)) is not None:
+        steps.append((step["name"], step["jobs"], step.get("clf_epochs")))
+        done |= {(step["poison"], j, step["seed"], None) for j in step["jobs"]}
+    assert steps == ([(f"{p}-defenses", ["sharpen_ff", "ueraser"], None) for p in rows]
+                     + [(f"{p}-at", ["at"], campaign.AT_CLF_EPOCHS) for p in rows])
+
+
+def test_paper_gpu_training_defense_job_trains_on_the_poison_with_its_overrides(cifar10_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    """A training-time defense job (UEraser here; `at` takes the same path) trains on the poisoned images as they
+    are with the matrix's classifier overrides, and its cell says so; a shortened schedule gets its own column."""
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--data", str(cifar10_dir),
+                          "--out", str(out), "--jobs", "ueraser", "sharpen_ff"], capture_output=True, text=True,
+                         timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + (out / "jobs.log").read_text()[-2000:]
+    cells = {r["defense"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())
+             if r["kind"] == "cell"}  # fmt: skip
+    assert set(cells) == {"ueraser", "sharpen_ff"}
+    assert cells["ueraser"]["classifier_overrides"] == {"ueraser": 1} and cells["ueraser"]["retention"] == 1.0
+    assert "classifier_overrides" not in cells["sharpen_ff"] and cells["sharpen_ff"]["retention"] < 1.0
+    rep = subprocess.run([sys.executable, str(SCRIPT), "--report", str(out / "results.jsonl"), "--out",
+                          str(tmp_path / "report")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    assert "ueraser-clf1" in (tmp_path / "report" / "matrix.md").read_text()  # the 1-epoch smoke schedule, labelled
