@@ -3,7 +3,7 @@
     python benchmarks/bench_defense_cost.py                  # writes benchmarks/results/classifier/defense-cost.{json,md}
 
 The matrix's classifier (`fast` preset) trains one epoch on --images CIFAR-10 training images with each defense of
-benchmarks/matrix.py's TRAINING_DEFENSES (PGD adversarial training, UEraser-Lite, UEraser-Max) and without one;
+the matrix's TRAINING_DEFENSES (benchmarks/_defenses.py) (PGD adversarial training, UEraser-Lite, UEraser-Max) and without one;
 the defenses alternate repeat by repeat in this one process, so all see the same machine state. Reported: seconds
 per epoch scaled to 10,000 images (the cpu-mini tier's epoch) and the ratio to standard training (median over
 repeats). A timing benchmark: run it on an otherwise idle machine.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -23,7 +24,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_facts  # noqa: E402
-from matrix import TRAINING_DEFENSES  # noqa: E402
+from _defenses import TRAINING_DEFENSES  # noqa: E402
 
 from purify_pipeline import shards  # noqa: E402
 from purify_pipeline.eval.classifiers import ClassifierConfig  # noqa: E402
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [{"defense": d, "overrides": {} if d == "none" else TRAINING_DEFENSES[d], "seconds": ts,
              "median_s": statistics.median(ts), "s_per_10k_epoch": statistics.median(ts) * 10_000 / n,
              "ratio_to_standard": statistics.median(ts) / ref if ref else None} for d, ts in times.items()]  # fmt: skip
-    facts["loadavg_at_end"] = __import__("os").getloadavg()
+    facts["loadavg_at_end"] = os.getloadavg()
     doc = {"benchmark": "defense-cost", "classifier": base.to_dict(), "images": n, "repeats": args.repeats,
            "rows": rows, "machine": facts, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
     out = Path(args.out)

@@ -77,11 +77,12 @@ def next_step(have: set, poisons: list[str], later: list[str] = LATER_POISONS) -
         jobs = [j for j in ("dvae", "none") if not _has(have, p, j, 0)]
         if jobs:
             return {"name": f"{p}-s0", "poison": p, "jobs": jobs, "seed": 0, "dvae_epochs": None}
-    for p in ["lsp", *poisons, *later]:  # the other defenses' columns: cheap ones first, then adversarial training
+    rows = ["lsp", *poisons, *later]
+    for p in rows:  # the other defenses' columns: cheap ones first, then adversarial training
         jobs = [j for j in DEFENSE_COLUMNS if not _has(have, p, j, 0)]
         if jobs:
             return {"name": f"{p}-defenses", "poison": p, "jobs": jobs, "seed": 0, "dvae_epochs": None}
-    for p in ["lsp", *poisons, *later]:
+    for p in rows:
         if not _has(have, p, "at", 0):
             return {"name": f"{p}-at", "poison": p, "jobs": ["at"], "seed": 0, "dvae_epochs": None,
                     "clf_epochs": AT_CLF_EPOCHS}

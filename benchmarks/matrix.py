@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _defenses import DEFENSES, TRAINING_DEFENSES  # noqa: E402, F401  (re-exported: ablate.py, audit.py)
 from _machine import machine_facts  # noqa: E402
 from _plots import save_image_grid  # noqa: E402
 from _restore import restore_cells  # noqa: E402
@@ -47,9 +48,6 @@ TIERS: dict[str, dict[str, Any]] = {
     "smoke": {"train": "train-000000.tar", "test": "test-000000.tar", "limit": 512,
               "classifier": "tiny", "dvae": "tiny", "poisons": ["lsp", "ops"]},
 }  # fmt: skip
-from _defenses import DEFENSES, TRAINING_DEFENSES  # noqa: E402  (re-exported: ablate, audit, bench_defense_cost)
-
-
 def _load(data: Path, pattern: str, limit: int | None) -> shards.ShardArrays:
     a = shards.load_arrays(str(data / pattern), progress=False)
     if limit:
