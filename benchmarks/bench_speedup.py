@@ -28,7 +28,7 @@ FIT_CHILD = r"""
 import json, sys, time, torch
 from purify_pipeline import DVAE, DVAEConfig, fit_stage, shards
 data_dir, steps, bf16 = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
-data = shards.load_arrays(f"{data_dir}/train-000000.tar", progress=False)
+data = shards.load_arrays(f"{data_dir}/train-{{000000..000003}}.tar", progress=False)  # 4,000 images: 24 steps of 128
 cfg = DVAEConfig.preset("cpu")
 out = {}
 for stage in (1, 2):

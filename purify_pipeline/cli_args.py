@@ -107,11 +107,13 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--image-column", help="image member extension (default: per sample, jpg/jpeg/png/webp/npy)")
     p.add_argument("--resize", help="resize images to the checkpoint's size with this PIL filter (e.g. bicubic)")
     p.add_argument("--batch-size", type=int, default=256, help="images per Ray batch and per forward pass")
-    p.add_argument("--actors", type=int, default=1, help="PurifyStage actor pool size")
+    p.add_argument("--actors", type=int, help="PurifyStage actor pool size (default: one per GPU with "
+                                              "--gpus-per-actor, else one single-threaded actor per CPU)")
     p.add_argument("--cpus-per-actor", type=float, help="CPUs reserved per actor (default: up to 1 each, leaving "
                                                         "the read tasks their CPUs)")  # fmt: skip
     p.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs per actor (0: purify on CPUs)")
-    p.add_argument("--threads", type=int, help="torch threads per actor (default: this machine's cores / --actors)")
+    p.add_argument("--threads", type=int, help="torch threads per actor (default: 1 with the default pool, "
+                                               "else this machine's cores / --actors)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU, or a CPU with AMX / AVX512-BF16: "
                                                        "about 2x faster there; output differs from fp32 by rounding)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in OUTPUT")

@@ -103,13 +103,31 @@ else:
 
 def test_resource_defaults_leave_the_reserve_free() -> None:
     assert PurifyStage("ckpt", actors=2).resolve_num_cpus(2.0) == 0.5
-    assert PurifyStage("ckpt").resolve_num_cpus(2.0) == 1.0
+    assert PurifyStage("ckpt", actors=1).resolve_num_cpus(2.0) == 1.0
     assert PurifyStage("ckpt", actors=(1, 8)).resolve_num_cpus(1.0) == 0.0  # a 1-CPU box: logical-only actors
     assert PurifyStage("ckpt", actors=4, reserve_cpus=0.25).resolve_num_cpus(64.0) == 1.0
     assert PurifyStage("ckpt", actors=2, num_cpus=0.75, reserve_cpus=0).resolve_num_cpus(2.0) == 0.75
     with pytest.raises(ValueError, match=r"num_cpus=0\.5"):
         PurifyStage("ckpt", actors=2, num_cpus=0.75).resolve_num_cpus(2.0)
     assert PurifyStage("ckpt", actors=2).config.threads == max(1, (os.cpu_count() or 1) // 2)
+
+
+def test_default_pool_is_one_single_threaded_actor_per_cpu_or_one_per_gpu() -> None:
+    from ray.data import ActorPoolStrategy
+
+    stage = PurifyStage("ckpt")
+    assert stage.config.threads == 1  # single-threaded actors: one per CPU keeps both cores busy on a 2-core box
+    assert stage.resolve_actors(2.0) == 2 and stage.resolve_num_cpus(2.0) == 0.5  # still leaves 1 CPU to reads
+    assert stage.resolve_actors(64.0) == 64 and stage.resolve_num_cpus(64.0) == 63 / 64
+    assert stage.resolve_actors(None) == (os.cpu_count() or 1)  # Ray not started: this machine's CPUs
+    kw = stage.map_batches_kwargs(4.0)
+    assert isinstance(kw["compute"], ActorPoolStrategy) and kw["compute"].max_size == 4 and kw["num_cpus"] == 0.75
+    gpu = PurifyStage("ckpt", num_gpus=0.5)
+    assert gpu.resolve_actors(16.0, 4.0) == 8 and gpu.resolve_actors(16.0, None) == 1
+    assert gpu.config.device == "cuda" and gpu.config.threads is None
+    assert PurifyStage("ckpt", actors=3).resolve_actors(64.0, 8.0) == 3  # an explicit pool is kept
+    with pytest.raises(ValueError, match="actors"):
+        PurifyStage("ckpt", actors=0)
 
 
 def test_decoded_arrays_come_back_as_arrays_and_bytes_as_png(ray_session, cifar10_dir, checkpoint, samples):

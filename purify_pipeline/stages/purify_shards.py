@@ -189,7 +189,7 @@ def purify_shards(
     on_error: Literal["raise", "skip"] = "raise",
     resize: str | None = None,
     batch_size: int = 256,
-    actors: int | tuple[int, int] = 1,
+    actors: int | tuple[int, int] | None = None,
     num_cpus: float | None = None,
     num_gpus: float = 0,
     threads: int | None = None,

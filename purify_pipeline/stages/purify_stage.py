@@ -1,6 +1,6 @@
 """`PurifyStage`: D-VAE purification as a Ray Data map stage; `PurifyBatch` is its stateful UDF.
 
-    stage = PurifyStage("ckpt_dir", batch_size=256, actors=2)
+    stage = PurifyStage("ckpt_dir", batch_size=256)    # one single-threaded actor per CPU (actors=, num_gpus=)
     ds = stage(ray.data.read_webdataset(urls))        # or: ds.map_batches(PurifyBatch, **stage.map_batches_kwargs())
 
 `PurifyBatch` loads the checkpoint once per actor (from a path or fsspec URL: constructor arguments travel
@@ -298,12 +298,16 @@ class PurifyBatch:
 class PurifyStage:
     """Callable on a ``ray.data.Dataset``: ``ds = PurifyStage(ckpt, ...)(ds)`` adds one actor-pool map stage.
 
-    actors: pool size (int) or (min, max). num_gpus > 0 puts each actor on a GPU. num_cpus: CPUs reserved per
+    actors: pool size (int) or (min, max); None (default) = one per GPU of the cluster with num_gpus > 0, else
+    one single-threaded actor per CPU of the cluster (on 2 cores 1.2x the throughput of one 2-thread actor, the
+    same bytes: one actor computes while the other decodes and encodes, benchmarks/results/purify/). num_gpus > 0 puts
+    each actor on a GPU. num_cpus: CPUs reserved per
     actor; None (default) = up to 1 each while leaving ``reserve_cpus`` of the cluster free for the pipeline's
     read and write tasks (``read_webdataset`` tasks ask for 1 CPU: an actor pool that takes every CPU hangs the
     pipeline, ray #44687). An explicit setting that leaves less than ``reserve_cpus`` fails fast with a
     ValueError naming what to change (``reserve_cpus=0`` turns the check off, e.g. on an autoscaling cluster).
-    threads: torch threads per CPU actor; None = this machine's cores divided among the actors. Other keyword
+    threads: torch threads per CPU actor; None = 1 with the default pool, else this machine's cores divided
+    among the actors. Other keyword
     options are ``PurifyConfig`` fields. A crashed actor is restarted and its batch retried (Ray Data's actor
     pool defaults); outputs are a function of (seed, key), so a retry writes the same pixels.
     """
@@ -311,7 +315,7 @@ class PurifyStage:
     udf_class: type = PurifyBatch  # subclass and override to customise the per-actor UDF
 
     def __init__(self, checkpoint: str, *, image_column: str | None = None, label_column: str = "cls",
-                 batch_size: int = 256, actors: int | tuple[int, int] = 1, num_gpus: float = 0,
+                 batch_size: int = 256, actors: int | tuple[int, int] | None = None, num_gpus: float = 0,
                  num_cpus: float | None = None, reserve_cpus: float = 1.0, mode: Literal["sample", "mean"] = "sample",
                  seed: int = 0, on_error: OnError = "raise", **options: Any) -> None:  # fmt: skip
         import os
@@ -321,12 +325,12 @@ class PurifyStage:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         max_actors = actors[1] if isinstance(actors, tuple) else actors
-        if not isinstance(max_actors, int) or max_actors < 1:
-            raise ValueError(f"actors must be a positive int or a (min, max) pair, got {actors!r}")
+        if actors is not None and (not isinstance(max_actors, int) or max_actors < 1):
+            raise ValueError(f"actors must be a positive int, a (min, max) pair or None, got {actors!r}")
         options.setdefault("device", "cuda" if num_gpus > 0 else "cpu")
         options.setdefault("model_batch_size", batch_size)
         if options["device"] == "cpu" and options.get("threads") is None:
-            options["threads"] = max(1, (os.cpu_count() or 1) // max_actors)
+            options["threads"] = 1 if actors is None else max(1, (os.cpu_count() or 1) // max_actors)
         self.config = PurifyConfig(checkpoint=os.fspath(checkpoint), image_column=image_column,
                                    label_column=label_column, mode=mode, seed=seed, on_error=on_error, **options)  # fmt: skip
         self.batch_size = batch_size
@@ -334,12 +338,23 @@ class PurifyStage:
         self.num_gpus = num_gpus
         self.num_cpus = num_cpus
         self.reserve_cpus = reserve_cpus
-        self.max_actors = max_actors
+
+    def resolve_actors(self, cluster_cpus: float | None, cluster_gpus: float | None = None) -> int | tuple[int, int]:
+        """The actor pool on a cluster of `cluster_cpus` CPUs and `cluster_gpus` GPUs (None: unknown, Ray not
+        started): the explicit `actors`, or one per GPU (num_gpus > 0) / one per CPU."""
+        import os
+
+        if self.actors is not None:
+            return self.actors
+        if self.num_gpus:
+            return max(1, int((cluster_gpus or 0) // self.num_gpus)) if cluster_gpus else 1
+        return max(1, int(cluster_cpus if cluster_cpus is not None else (os.cpu_count() or 1)))
 
     def resolve_num_cpus(self, cluster_cpus: float | None) -> float:
         """CPUs per actor for a cluster of `cluster_cpus` (None: unknown, Ray not started): the explicit value,
         checked, or the default that leaves ``reserve_cpus`` free."""
-        n = self.max_actors
+        pool = self.resolve_actors(cluster_cpus)
+        n = pool[1] if isinstance(pool, tuple) else pool
         if self.num_cpus is None:
             if cluster_cpus is None:
                 return 1.0
@@ -353,14 +368,16 @@ class PurifyStage:
                 "reserve_cpus=0 skips this check.")  # fmt: skip
         return float(self.num_cpus)
 
-    def map_batches_kwargs(self, cluster_cpus: float | None = None) -> dict[str, Any]:
-        """The keyword arguments this stage passes to ``Dataset.map_batches`` on a cluster of `cluster_cpus`."""
+    def map_batches_kwargs(self, cluster_cpus: float | None = None, cluster_gpus: float | None = None) -> dict[str, Any]:
+        """The keyword arguments this stage passes to ``Dataset.map_batches`` on a cluster of `cluster_cpus` CPUs
+        and `cluster_gpus` GPUs (None: unknown)."""
         from ray.data import ActorPoolStrategy
 
-        if isinstance(self.actors, tuple):
-            compute = ActorPoolStrategy(min_size=self.actors[0], max_size=self.actors[1])
+        pool = self.resolve_actors(cluster_cpus, cluster_gpus)
+        if isinstance(pool, tuple):
+            compute = ActorPoolStrategy(min_size=pool[0], max_size=pool[1])
         else:
-            compute = ActorPoolStrategy(size=self.actors)
+            compute = ActorPoolStrategy(size=pool)
         one_to_one = self.config.on_error == "raise" or self.config.quarantine_column is not None
         kw: dict[str, Any] = dict(fn_constructor_kwargs={"config": self.config}, batch_size=self.batch_size,
                                   batch_format="numpy", compute=compute, num_cpus=self.resolve_num_cpus(cluster_cpus),
@@ -375,8 +392,8 @@ class PurifyStage:
         shard and key (Ray Data would otherwise wrap it in a ``UserCodeException``)."""
         import ray
 
-        cpus = ray.cluster_resources().get("CPU") if ray.is_initialized() else None
-        out = ds.map_batches(self.udf_class, **self.map_batches_kwargs(cpus))
+        res = ray.cluster_resources() if ray.is_initialized() else {}
+        out = ds.map_batches(self.udf_class, **self.map_batches_kwargs(res.get("CPU"), res.get("GPU")))
         if self.config.on_error == "raise":
             out.context.raise_original_map_exception = True
         return out
