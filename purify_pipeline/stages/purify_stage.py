@@ -347,7 +347,7 @@ class PurifyStage:
         if self.actors is not None:
             return self.actors
         if self.num_gpus:
-            return max(1, int((cluster_gpus or 0) // self.num_gpus)) if cluster_gpus else 1
+            return max(1, int(cluster_gpus // self.num_gpus)) if cluster_gpus else 1
         return max(1, int(cluster_cpus if cluster_cpus is not None else (os.cpu_count() or 1)))
 
     def resolve_num_cpus(self, cluster_cpus: float | None) -> float:
