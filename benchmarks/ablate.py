@@ -4,6 +4,7 @@
     python benchmarks/ablate.py outputs --poisons lsp ar ops em    # x1 / x2' / x̂2 of the matrix's 10k fits
     python benchmarks/ablate.py refit2 --poisons em --variants bs32 # the matrix's stage 1, stage 2 refit
     python benchmarks/ablate.py checkpoint --poisons lsp --path CKPT --label paper-h200-50k-ep5 --precision bf16
+    python benchmarks/ablate.py infer --poisons sep --fit-preset cpu --fit-seed 1 --infer base noise8 twice
     python benchmarks/ablate.py --report-only                       # rebuild the tables from the cache
 
 `screen` fits both D-VAE stages in-process (`fit_two_stage`) on the first --images poisoned training images of
@@ -12,7 +13,9 @@ missing), one variant = the `cpu-v1` preset (width 32, 15+15 epochs, stage 2 at 
 overrides in VARIANTS. `outputs` re-uses the matrix's 10k `cpu-v1` `fit_purifier` checkpoints; `refit2` keeps
 their stage 1 and refits stage 2 alone with a variant; `checkpoint`
 measures any saved purifier (e.g. a `paper` fit on all 50k images from a GPU, benchmarks/paper_gpu.py) on the
-same 10k images and classifier, so fits of other scales land in the same table. Every cell measures, for each output taken:
+same 10k images and classifier, so fits of other scales land in the same table. `infer` purifies with a matrix fit
+(--fit-preset, --fit-seed) under purification-time variants (INFER_VARIANTS: input noise, stage 2 twice, a hotter
+latent; no refit), the control `base` being the product's own sampled output. Every cell measures, for each output taken:
 x1 = x - p̂1 (stage 1), x2' = x1 - p̂2, x̂2 = D2(x2') (the paper's output; "mean" = z = mu, "final" = the
 product's sampled purification), the poison retention r and PSNR against the clean images, and for the
 outputs in --classify the fast classifier's clean test accuracy (all 10k test images) when trained on them.
@@ -84,6 +87,16 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "w64": ({"width": 64}, "the paper's width"),
 }
 OUTPUTS = ("x1", "x2p", "xhat2_mean", "final")
+
+# name -> (purification-time changes of a fitted purifier's final output, what the variant asks); `infer` only
+INFER_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
+    "base": ({}, "the product's sampled final output, computed in-process (the control of the other rows)"),
+    "noise4": ({"noise": 4 / 255}, "Gaussian noise (sigma 4/255) added to stage 2's input x1 before its passes"),
+    "noise8": ({"noise": 8 / 255}, "the same with sigma 8/255 (the L-inf budget of most poisons)"),
+    "noise16": ({"noise": 16 / 255}, "the same with sigma 16/255"),
+    "twice": ({"passes": 2}, "stage 2 applied twice: the final output goes through stage 2's passes again"),
+    "temp2": ({"temperature": 2.0}, "stage 2's latent drawn at twice the posterior's standard deviation"),
+}
 
 
 def _arrays(data: Path, cache: Path, poison: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -305,6 +318,56 @@ def outputs_of_checkpoint(cache: Path, poison: str, args, test: Any) -> None:
     _write_cell(cache, cell)
 
 
+@torch.no_grad()
+def _infer_final(pur: Purifier, images: np.ndarray, labels: np.ndarray, *, noise: float = 0.0, passes: int = 1,
+                 temperature: float = 1.0, seed: int = 0, batch_size: int = 256) -> np.ndarray:  # fmt: skip
+    """The sampled final output with purification-time changes; with none it is `pur.purify(mode="sample")`."""
+    from purify_pipeline.dvae.noise import sample_noise
+    from purify_pipeline.dvae.train import to_float_nchw
+
+    out, shape = np.empty_like(images), pur.stage1.latent_shape
+    fmt = torch.channels_last
+    for i in range(0, len(images), batch_size):
+        ids = np.arange(i, min(i + batch_size, len(images)))
+        x = to_float_nchw(images[ids]).contiguous(memory_format=fmt)
+        y = torch.from_numpy(labels[ids])
+        eps = [sample_noise(seed + k, ids, shape) for k in range(passes)]
+        xs = pur.purify_torch(x, y, eps=eps[0], stages=1)
+        for k in range(passes):
+            if noise:
+                pix = sample_noise(seed + 1000 + k, ids, xs.shape[1:], passes=1)[:, 0]  # per image: batch-independent
+                xs = torch.clamp(xs + noise * pix, 0, 1).contiguous(memory_format=fmt)
+            p2 = pur.stage2(xs, y, eps=temperature * eps[k][:, 1], decode_x=False).p_hat
+            x2 = torch.clamp(xs - p2, 0, 1).contiguous(memory_format=fmt)
+            xs = pur.stage2(x2, y, eps=temperature * eps[k][:, 2], decode_p=False).x_hat
+        out[ids] = torch.round(xs * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def infer_variants(cache: Path, poison: str, args, test: Any) -> None:
+    """The matrix fit (--fit-preset, --fit-seed) purifying its own 10k images with each --infer variant."""
+    root = matrix_fit_dir(args.matrix_cache, poison, args.fit_preset, args.fit_seed) / "checkpoint"
+    if not (root / "config.json").exists():
+        print(f"{poison}: no matrix fit at {root} yet; skipped")
+        return
+    n = 10_000
+    clean, labels, poisoned, delta = _arrays(Path(args.data), args.matrix_cache, poison, n)
+    pur = Purifier.load(str(root))
+    for v in args.infer:
+        changes, _ = INFER_VARIANTS[v]
+        tag = f"{poison}__n{n}__infer-{v}__of-{args.fit_preset}-s{args.fit_seed}"
+        t0 = time.perf_counter()
+        final = _infer_final(pur, poisoned, labels, **changes)
+        if v == "base":  # the control must be the product's own output
+            assert np.array_equal(final[:64], pur.purify(poisoned[:64], labels[:64], mode="sample", seed=0))
+        cell = {"kind": "infer", "poison": poison, "variant": f"infer-{v} of-{args.fit_preset}-s{args.fit_seed}",
+                "changes": changes, "of_fit": {"preset": args.fit_preset, "seed": args.fit_seed,
+                                               "checkpoint": root.parent.name},
+                "images": n, "purify_seconds": time.perf_counter() - t0,
+                "results": _measure(cache, tag, {"final": final}, clean, labels, delta, test, ["final"], args.seeds)}
+        _write_cell(cache, cell)
+
+
 def _fmt(v: dict | None) -> str:
     if not v:
         return "—"
@@ -395,9 +458,12 @@ def _plot(path: Path, cells: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", nargs="?", choices=["screen", "outputs", "baselines", "refit2", "checkpoint"], default=None)
+    ap.add_argument("what", nargs="?", choices=["screen", "outputs", "baselines", "refit2", "checkpoint", "infer"],
+                    default=None)  # fmt: skip
     ap.add_argument("--poisons", nargs="+", default=["lsp"])
     ap.add_argument("--variants", nargs="+", default=["base"], choices=sorted(VARIANTS))
+    ap.add_argument("--infer", nargs="+", default=["base"], choices=sorted(INFER_VARIANTS),
+                    help="infer: purification-time variants of the matrix fit (--fit-preset, --fit-seed)")
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--preset", default="cpu-v1", help="the preset the variants override (tiny: a smoke run)")
     ap.add_argument("--classify", nargs="+", default=["final", "x1"], choices=OUTPUTS,
@@ -428,6 +494,8 @@ def main(argv: list[str] | None = None) -> None:
                 outputs_of_matrix_fit(cache, p, args, test)
             elif args.what == "checkpoint":
                 outputs_of_checkpoint(cache, p, args, test)
+            elif args.what == "infer":
+                infer_variants(cache, p, args, test)
             elif args.what == "refit2":
                 for v in args.variants:
                     refit_stage2(cache, p, v, args, test)

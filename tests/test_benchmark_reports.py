@@ -10,6 +10,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -72,6 +73,24 @@ def test_ablation_fit_cache_hands_the_fit_its_partial_dir_and_times_a_resumed_fi
     again, again_timing = ablate._cached_fit(cache, "b", fit)  # finished: loaded, not refitted
     assert len(seen) == 2 and again_timing == resumed and again.fingerprint == pur.fingerprint
     assert ablate._cached_fit(cache, "a", fit)[1] == fresh
+
+
+def test_ablation_infer_control_is_the_products_output_and_each_variant_changes_it() -> None:
+    """`ablate.py infer` compares purification-time variants against a control that must be `Purifier.purify`."""
+    from purify_pipeline import DVAE, DVAEConfig, Purifier
+
+    ablate, cfg = _bench_module("ablate"), DVAEConfig.preset("tiny", num_classes=3)
+    torch.manual_seed(0)
+    pur = Purifier(DVAE(cfg), DVAE(cfg))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, 20)
+    base = ablate._infer_final(pur, images, labels, batch_size=8)
+    np.testing.assert_array_equal(base, pur.purify(images, labels, mode="sample", seed=0))
+    for name, (changes, _) in ablate.INFER_VARIANTS.items():
+        out = ablate._infer_final(pur, images, labels, batch_size=8, **changes)
+        assert np.array_equal(out, base) == (name == "base"), name
+        np.testing.assert_array_equal(out, ablate._infer_final(pur, images, labels, batch_size=20, **changes))
 
 
 def test_matrix_report_only_on_a_fresh_cache_rebuilds_the_committed_table(tmp_path: Path) -> None:
