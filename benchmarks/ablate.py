@@ -96,6 +96,7 @@ INFER_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "noise16": ({"noise": 16 / 255}, "the same with sigma 16/255"),
     "twice": ({"passes": 2}, "stage 2 applied twice: the final output goes through stage 2's passes again"),
     "temp2": ({"temperature": 2.0}, "stage 2's latent drawn at twice the posterior's standard deviation"),
+    "ptwice": ({"p_steps": 2}, "stage 2's perturbation removed twice (x2' = x1 - p2(x1), then x2' - p2(x2')) before D2"),
 }
 
 
@@ -320,7 +321,7 @@ def outputs_of_checkpoint(cache: Path, poison: str, args, test: Any) -> None:
 
 @torch.no_grad()
 def _infer_final(pur: Purifier, images: np.ndarray, labels: np.ndarray, *, noise: float = 0.0, passes: int = 1,
-                 temperature: float = 1.0, seed: int = 0, batch_size: int = 256) -> np.ndarray:  # fmt: skip
+                 temperature: float = 1.0, p_steps: int = 1, seed: int = 0, batch_size: int = 256) -> np.ndarray:  # fmt: skip
     """The sampled final output with purification-time changes; with none it is `pur.purify(mode="sample")`."""
     from purify_pipeline.dvae.noise import sample_noise
     from purify_pipeline.dvae.train import to_float_nchw
@@ -337,8 +338,10 @@ def _infer_final(pur: Purifier, images: np.ndarray, labels: np.ndarray, *, noise
             if noise:
                 pix = sample_noise(seed + 1000 + k, ids, xs.shape[1:], passes=1)[:, 0]  # per image: batch-independent
                 xs = torch.clamp(xs + noise * pix, 0, 1).contiguous(memory_format=fmt)
-            p2 = pur.stage2(xs, y, eps=temperature * eps[k][:, 1], decode_x=False).p_hat
-            x2 = torch.clamp(xs - p2, 0, 1).contiguous(memory_format=fmt)
+            x2 = xs
+            for _ in range(p_steps):
+                p2 = pur.stage2(x2, y, eps=temperature * eps[k][:, 1], decode_x=False).p_hat
+                x2 = torch.clamp(x2 - p2, 0, 1).contiguous(memory_format=fmt)
             xs = pur.stage2(x2, y, eps=temperature * eps[k][:, 2], decode_p=False).x_hat
         out[ids] = torch.round(xs * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out
