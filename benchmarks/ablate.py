@@ -96,6 +96,8 @@ INFER_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "noise16": ({"noise": 16 / 255}, "the same with sigma 16/255"),
     "twice": ({"passes": 2}, "stage 2 applied twice: the final output goes through stage 2's passes again"),
     "temp2": ({"temperature": 2.0}, "stage 2's latent drawn at twice the posterior's standard deviation"),
+    "jpeg50in": ({"jpeg_in": 50}, "the poisoned images JPEG-compressed at quality 50 before purification (a mild "
+                 "pre-filter; the fit saw uncompressed images)"),
     "ptwice": ({"p_steps": 2}, "stage 2's perturbation removed twice (x2' = x1 - p2(x1), then x2' - p2(x2')) before D2"),
 }
 
@@ -321,8 +323,11 @@ def outputs_of_checkpoint(cache: Path, poison: str, args, test: Any) -> None:
 
 @torch.no_grad()
 def _infer_final(pur: Purifier, images: np.ndarray, labels: np.ndarray, *, noise: float = 0.0, passes: int = 1,
-                 temperature: float = 1.0, p_steps: int = 1, seed: int = 0, batch_size: int = 256) -> np.ndarray:  # fmt: skip
+                 temperature: float = 1.0, p_steps: int = 1, jpeg_in: int = 0, seed: int = 0,
+                 batch_size: int = 256) -> np.ndarray:  # fmt: skip
     """The sampled final output with purification-time changes; with none it is `pur.purify(mode="sample")`."""
+    if jpeg_in:
+        images = apply_defense("jpeg", images, quality=jpeg_in)
     from purify_pipeline.dvae.noise import sample_noise
     from purify_pipeline.dvae.train import to_float_nchw
 
