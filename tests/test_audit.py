@@ -123,3 +123,18 @@ def test_cli_prints_one_screen_verdict(tmp_path, clean_twin, capsys):
     assert out.startswith("learnability audit: CLEAN-LIKE") and "400 images, 10 classes" in out
     assert len(out.splitlines()) < 24
     assert main(["audit", str(tmp_path / "nothing-*.tar")]) == 1
+
+
+def test_default_thresholds_on_data_unlike_their_calibration_warn_and_say_so(clean_twin):
+    images, labels = clean_twin
+    assert A.audit(images, labels, num_classes=10, max_images=200).calibrated  # 10 classes, 32x32: calibrated
+    with pytest.warns(UserWarning, match="indicative only"):
+        r = A.audit(images, labels % 5, num_classes=5, max_images=200)
+    assert not r.calibrated and "NOT on data like this" in r.summary() and r.to_dict()["calibrated"] is False
+    with pytest.warns(UserWarning, match="16x16"):
+        assert not A.audit(images[:, ::2, ::2], labels, num_classes=10, max_images=200).calibrated
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # explicit thresholds: the user calibrated them, nothing to warn about
+        assert A.audit(images, labels % 5, num_classes=5, max_images=200, thresholds=(0.3, 0.5)).calibrated

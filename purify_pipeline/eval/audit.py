@@ -24,6 +24,7 @@ import hashlib
 import heapq
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -60,6 +61,7 @@ class AuditResult:
     seed: int
     seconds: float
     class_counts: list[int] = field(default_factory=list)
+    calibrated: bool = True  # False: default thresholds on data unlike their calibration set (see `audit`)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "thresholds": list(self.thresholds)}
@@ -69,7 +71,9 @@ class AuditResult:
         lo, hi = self.thresholds
         return "\n".join([
             f"learnability audit: {self.verdict.upper()}  (shortcut score {self.score:.3f})",
-            f"  thresholds: clean-like <= {lo:.4f} < suspicious < {hi:.4f} <= poisoned (clean CIFAR-10 calibration)",
+            f"  thresholds: clean-like <= {lo:.4f} < suspicious < {hi:.4f} <= poisoned "
+            + ("(clean CIFAR-10 calibration)" if self.calibrated else
+               "(calibrated on 10-class 32x32 CIFAR-10, NOT on data like this: the verdict is indicative only)"),
             f"  pixel probe   (linear, raw pixels):         held-out {self.pixel_acc:.3f}, train {self.pixel_train_acc:.3f}",
             f"  texture probe (linear, residual structure): held-out {self.texture_acc:.3f}, train {self.texture_train_acc:.3f}",
             f"  {self.n_images} images, {self.num_classes} classes (chance {1 / self.num_classes:.3f}), seed {self.seed}, "
@@ -163,9 +167,19 @@ def verdict_for(score: float, thresholds: tuple[float, float] = THRESHOLDS) -> s
 
 def audit(images: np.ndarray, labels: Any, *, num_classes: int, seed: int = 0, max_images: int | None = 10_000,
           thresholds: tuple[float, float] | None = None) -> AuditResult:
-    """Audit uint8 NHWC `images` with integer `labels`; at most `max_images` (a seeded sample) are used."""
+    """Audit uint8 NHWC `images` with integer `labels`; at most `max_images` (a seeded sample) are used.
+
+    The default thresholds were measured on clean 10-class 32x32 CIFAR-10; on other data (another class count or
+    image size) the result says `calibrated=False` and a warning asks for `thresholds=` measured on known-clean
+    samples of that kind."""
     t0 = time.perf_counter()
     images, y = _check(images, labels, num_classes)
+    calibrated = thresholds is not None or (num_classes == 10 and images.shape[1:3] == (32, 32))
+    if not calibrated:
+        warnings.warn(f"the audit's default thresholds are calibrated on clean 10-class 32x32 CIFAR-10; this data has "
+                      f"{num_classes} classes at {images.shape[1]}x{images.shape[2]}, so the verdict is indicative only: "
+                      "pass thresholds= measured on known-clean samples of this data (benchmarks/audit.py shows how)",
+                      stacklevel=2)  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     if max_images is not None and len(images) > max_images:
         keep = np.sort(np.random.default_rng(seed).choice(len(images), max_images, replace=False))
@@ -180,7 +194,7 @@ def audit(images: np.ndarray, labels: Any, *, num_classes: int, seed: int = 0, m
     return AuditResult(score=score, verdict=verdict_for(score, th), pixel_acc=pix[1], texture_acc=tex[1],
                        pixel_train_acc=pix[0], texture_train_acc=tex[0], n_images=len(y), num_classes=num_classes,
                        thresholds=th, seed=seed, seconds=time.perf_counter() - t0,
-                       class_counts=np.bincount(y, minlength=num_classes).tolist())  # fmt: skip
+                       class_counts=np.bincount(y, minlength=num_classes).tolist(), calibrated=calibrated)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ over shards
