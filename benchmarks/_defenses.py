@@ -6,8 +6,7 @@ from typing import Any
 # data defenses: `eval.defenses.apply_defense(kind, images, **kw)` on the poisoned training images
 DEFENSES: dict[str, tuple[str, dict[str, Any]]] = {
     "none": ("none", {}), "jpeg10": ("jpeg", {"quality": 10}), "grayscale": ("grayscale", {}),
-    "bdr": ("bdr", {"bits": 2}), "sharpen_ff": ("sharpen_ff", {}),
-    "jpeg50": ("jpeg", {"quality": 50})}  # fmt: skip  (jpeg50: a mild post-filter, `dvae+jpeg50`)
+    "bdr": ("bdr", {"bits": 2}), "sharpen_ff": ("sharpen_ff", {})}  # fmt: skip
 # defenses that change the classifier's training, not the data: ClassifierConfig overrides
 TRAINING_DEFENSES: dict[str, dict[str, Any]] = {
     "at": {"adv_eps": 8 / 255, "adv_steps": 10}, "ueraser": {"ueraser": 1}, "ueraser-max": {"ueraser": 5}}  # fmt: skip
