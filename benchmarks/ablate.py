@@ -433,7 +433,8 @@ def report(cache: Path, out: Path, total_s: float | None = None) -> None:
               "(a fit min marked resumed: continued from per-epoch checkpoints, the sum of its epoch times) "
               "in-process on the first N images, `cpu-v2-<variant>` from the `cpu-v2` preset (`cpu` with "
               "the paper's tau1 = 1; `--preset cpu-v2` re-runs or restores them), `<preset>-<variant>` from another --preset, a bare "
-              "variant from `cpu-v1`; any other name = `ablate.py checkpoint`: a purifier fit elsewhere "
+              "variant from `cpu-v1`; `infer-<variant> of-<preset>-s<seed>` = that matrix fit purifying with a "
+              "purification-time variant (`ablate.py infer`, no refit: fit min 0), `infer-base` its control; any other name = `ablate.py checkpoint`: a purifier fit elsewhere "
               "(its cell's `fit_on` says where; `paper-h200-50k-ep5` / `paper-h100-50k-ep15` = the `paper` preset, "
               "5+5 / 15+15 epochs on all 50k poisoned images on a GPU, a superset of these 10k; fit min = its epochs' "
               "GPU seconds).", "",
