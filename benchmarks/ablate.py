@@ -58,7 +58,8 @@ from purify_pipeline import (  # noqa: E402
     retention,
     shards,
 )
-from purify_pipeline.dvae.train import fit_stage  # noqa: E402
+from purify_pipeline.dvae.noise import sample_noise  # noqa: E402
+from purify_pipeline.dvae.train import fit_stage, to_float_nchw  # noqa: E402
 from purify_pipeline.eval.classifiers import ClassifierConfig  # noqa: E402
 from purify_pipeline.eval.defenses import apply_defense  # noqa: E402
 from purify_pipeline.eval.train_classifier import train_classifier  # noqa: E402
@@ -328,11 +329,7 @@ def _infer_final(pur: Purifier, images: np.ndarray, labels: np.ndarray, *, noise
     """The sampled final output with purification-time changes; with none it is `pur.purify(mode="sample")`."""
     if jpeg_in:
         images = apply_defense("jpeg", images, quality=jpeg_in)
-    from purify_pipeline.dvae.noise import sample_noise
-    from purify_pipeline.dvae.train import to_float_nchw
-
-    out, shape = np.empty_like(images), pur.stage1.latent_shape
-    fmt = torch.channels_last
+    out, shape, fmt = np.empty_like(images), pur.stage1.latent_shape, pur._format
     for i in range(0, len(images), batch_size):
         ids = np.arange(i, min(i + batch_size, len(images)))
         x = to_float_nchw(images[ids]).contiguous(memory_format=fmt)

@@ -39,6 +39,7 @@ __all__ = ["AuditResult", "CLEAN_CALIBRATION", "THRESHOLDS", "audit", "audit_dat
 # 0.354 0.360 (train subsets 0-9k ... 40-49k), 0.368 (test split), 0.328 / 0.346 / 0.345 (first subset after
 # JPEG-10 / grayscale / BDR-2): the largest and smallest clean score.
 CLEAN_CALIBRATION: dict[str, float] = {"max": 0.3678, "min": 0.3276}
+CALIBRATED_ON = (10, (32, 32))  # (classes, image size) of that calibration set: the default thresholds hold there
 # clean-like: score <= max_clean + margin, margin = max(spread, 0.02); poisoned: score >= max_clean + 4 margins.
 THRESHOLDS: tuple[float, float] = (0.4080, 0.5286)
 VERDICTS = ("clean-like", "suspicious", "poisoned")
@@ -174,7 +175,7 @@ def audit(images: np.ndarray, labels: Any, *, num_classes: int, seed: int = 0, m
     samples of that kind."""
     t0 = time.perf_counter()
     images, y = _check(images, labels, num_classes)
-    calibrated = thresholds is not None or (num_classes == 10 and images.shape[1:3] == (32, 32))
+    calibrated = thresholds is not None or (num_classes, images.shape[1:3]) == CALIBRATED_ON
     if not calibrated:
         warnings.warn(f"the audit's default thresholds are calibrated on clean 10-class 32x32 CIFAR-10; this data has "
                       f"{num_classes} classes at {images.shape[1]}x{images.shape[2]}, so the verdict is indicative only: "
