@@ -59,6 +59,7 @@ from purify_pipeline import (  # noqa: E402
     shards,
 )
 from purify_pipeline.dvae.noise import sample_noise  # noqa: E402
+from purify_pipeline.dvae.purifier import CPU_BLOCK  # noqa: E402
 from purify_pipeline.dvae.train import fit_stage, to_float_nchw  # noqa: E402
 from purify_pipeline.eval.classifiers import ClassifierConfig  # noqa: E402
 from purify_pipeline.eval.defenses import apply_defense  # noqa: E402
@@ -324,14 +325,16 @@ def outputs_of_checkpoint(cache: Path, poison: str, args, test: Any) -> None:
 
 @torch.no_grad()
 def _infer_final(pur: Purifier, images: np.ndarray, labels: np.ndarray, *, noise: float = 0.0, passes: int = 1,
-                 temperature: float = 1.0, p_steps: int = 1, jpeg_in: int = 0, seed: int = 0,
-                 batch_size: int = 256) -> np.ndarray:  # fmt: skip
+                 temperature: float = 1.0, p_steps: int = 1, jpeg_in: int = 0, seed: int = 0) -> np.ndarray:
     """The sampled final output with purification-time changes; with none it is `pur.purify(mode="sample")`."""
     if jpeg_in:
         images = apply_defense("jpeg", images, quality=jpeg_in)
-    out, shape, fmt = np.empty_like(images), pur.stage1.latent_shape, pur._format
-    for i in range(0, len(images), batch_size):
-        ids = np.arange(i, min(i + batch_size, len(images)))
+    n, shape, fmt = len(images), pur.stage1.latent_shape, pur._format
+    pad = -n % CPU_BLOCK  # blocks of CPU_BLOCK images, as `Purifier.purify_torch` runs them on a CPU
+    images, labels = (np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in (images, labels))
+    out = np.empty_like(images)
+    for i in range(0, len(images), CPU_BLOCK):
+        ids = np.arange(i, i + CPU_BLOCK)
         x = to_float_nchw(images[ids]).contiguous(memory_format=fmt)
         y = torch.from_numpy(labels[ids])
         eps = [sample_noise(seed + k, ids, shape) for k in range(passes)]
@@ -346,7 +349,7 @@ def _infer_final(pur: Purifier, images: np.ndarray, labels: np.ndarray, *, noise
                 x2 = torch.clamp(x2 - p2, 0, 1).contiguous(memory_format=fmt)
             xs = pur.stage2(x2, y, eps=temperature * eps[k][:, 2], decode_p=False).x_hat
         out[ids] = torch.round(xs * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return out
+    return out[:n]
 
 
 def infer_variants(cache: Path, poison: str, args, test: Any) -> None:

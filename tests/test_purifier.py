@@ -65,6 +65,28 @@ def test_sample_ids_make_results_independent_of_batching(purifier, batch):
     assert np.array_equal(whole, parts)
     small_batches = purifier.purify(images, labels, mode="sample", seed=3, sample_ids=ids, batch_size=4)
     assert np.array_equal(whole, small_batches)
+    threads = torch.get_num_threads()  # Ray actors run one torch thread; a notebook runs several
+    try:
+        torch.set_num_threads(1)
+        one_by_one = purifier.purify(images, labels, mode="sample", seed=3, sample_ids=ids, batch_size=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(whole, one_by_one)
+
+
+def test_cpu_forward_passes_run_fixed_blocks_whatever_the_batch(purifier, batch, monkeypatch):
+    from purify_pipeline.dvae import purifier as purifier_module
+
+    sizes, passes = [], purifier_module.Purifier._passes
+
+    def counted(self, x, *a, **k):
+        sizes.append(len(x))
+        return passes(self, x, *a, **k)
+
+    monkeypatch.setattr(purifier_module.Purifier, "_passes", counted)
+    for n in (1, 5, 12):
+        purifier.purify(batch[0][:n], batch[1][:n], batch_size=n)
+    assert set(sizes) == {purifier_module.CPU_BLOCK}
 
 
 @pytest.mark.parametrize(

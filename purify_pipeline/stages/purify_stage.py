@@ -52,7 +52,8 @@ class PurifyConfig:
         column "png"), decoded arrays in -> uint8 HxWx3 arrays out in the same column. "png" / "array" force one:
         "png" = PNG bytes in ``output_column`` (default "png"; the input image column is dropped when named
         differently); "array" = uint8 HxWx3 arrays (default column: the input image column).
-    model_batch_size: images per forward pass inside a Ray batch. threads: torch threads per actor.
+    model_batch_size: images per forward pass inside a Ray batch on a GPU (on a CPU the model always runs blocks of
+        `dvae.purifier.CPU_BLOCK` images, so bytes never depend on batching). threads: torch threads per actor.
     bf16: bfloat16 autocast for the forward passes (a GPU, or a CPU with AMX / AVX512-BF16; 2x faster on such a
         CPU, benchmarks/results/purify/), off by default: the output differs from fp32's by rounding.
     stages: 2 = full purification; 1 = the stage-1 output x - p1 only (what the fit job trains stage 2 on).
