@@ -59,6 +59,21 @@ def load(pattern: str) -> shards.ShardArrays:
     return shards.ShardArrays(z["images"], z["labels"], [str(k) for k in z["keys"]], [])
 
 
+def restore_rows(rows_dir: Path, committed: Path) -> int:
+    """Seed the row cache with the committed report's rows it lacks, so that a fresh clone measuring one more set
+    (--only, or a new D-VAE fit) keeps every committed row in the report. Returns how many were restored."""
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    if not committed.exists():
+        return 0
+    n = 0
+    for r in json.loads(committed.read_text()).get("rows", []):
+        f = rows_dir / f"{r['set']}.json"
+        if not f.exists():
+            f.write_text(json.dumps({**r, "restored_from": committed.name}))
+            n += 1
+    return n
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     ra = np.argsort(np.argsort(a)).astype(float)
     rb = np.argsort(np.argsort(b)).astype(float)
@@ -86,7 +101,9 @@ def main() -> None:
         return
     facts = machine_facts()
     rows: list[dict] = []
-    (CACHE / "rows").mkdir(parents=True, exist_ok=True)
+    restored = restore_rows(CACHE / "rows", OUT / "audit.json")
+    if restored:
+        print(f"{restored} committed rows restored into {CACHE / 'rows'} (a set measured again replaces its row)")
 
     def run(name: str, kind: str, images: Callable[[], np.ndarray], labels: np.ndarray, **extra) -> None:
         """Audit the set `images()` builds (only when its row is neither cached nor filtered out by --only)."""
@@ -131,7 +148,10 @@ def main() -> None:
 
     for p in POISONS:
         if not (mcache / f"poisoned-{p}.npz").exists() and p in OPTIMISED and not args.generate:
-            print(f"{p}: not generated ({mcache}/poisoned-{p}.npz missing; --generate makes it)", flush=True)
+            kept = [json.loads(f.read_text()) for f in sorted((CACHE / "rows").glob(f"{p}+*.json"))]
+            rows += kept
+            print(f"{p}: not generated ({mcache}/poisoned-{p}.npz missing; --generate makes it); "
+                  f"its {len(kept)} cached rows kept", flush=True)  # fmt: skip
             continue
         x, _ = matrix._poisoned(mcache, p, sub0)
         digest = matrix.poison_digest(x)

@@ -241,3 +241,17 @@ def test_defense_cost_benchmark_times_each_training_defense_against_standard_tra
     assert rows["none"]["s_per_10k_epoch"] == pytest.approx(rows["none"]["median_s"] * 10_000 / 64)
     assert json.loads((tmp_path / "defense-cost.json").read_text())["rows"] == doc["rows"]
     assert "| ueraser | ueraser=1 |" in (tmp_path / "defense-cost.md").read_text()
+
+
+def test_audit_report_restores_committed_rows_without_replacing_measured_ones(tmp_path: Path) -> None:
+    """A fresh clone that audits one more set keeps the committed rows; a set measured again keeps its new row."""
+    audit = _bench_module("audit")
+    committed = tmp_path / "audit.json"
+    committed.write_text(json.dumps({"rows": [{"set": "em+none", "score": 0.97}, {"set": "lsp+dvae-fit0", "score": 0.4}]}))
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    (rows / "lsp+dvae-fit0.json").write_text(json.dumps({"set": "lsp+dvae-fit0", "score": 0.35}))
+    assert audit.restore_rows(rows, committed) == 1
+    assert json.loads((rows / "em+none.json").read_text()) == {"set": "em+none", "score": 0.97, "restored_from": "audit.json"}
+    assert json.loads((rows / "lsp+dvae-fit0.json").read_text())["score"] == 0.35
+    assert audit.restore_rows(rows, committed) == 0 and audit.restore_rows(rows, tmp_path / "missing.json") == 0
