@@ -186,6 +186,11 @@ def main() -> None:
 
                 run(f"{p}+{d}-fit{fit}", "poisoned", xp, sub0.labels, poison=p, defense=d, dvae_fit_seed=fit,
                     poison_sha256=digest, matrix_acc=acc, matrix_acc_unverified=other)  # fmt: skip
+        seen = {r["set"] for r in rows}  # D-VAE rows of fits this matrix cache does not hold: kept from the row cache
+        for f in sorted((CACHE / "rows").glob(f"{p}+dvae*-fit*.json")):
+            r = json.loads(f.read_text())
+            if r["set"] not in seen and r.get("poison_sha256") == digest:
+                rows.append(r)
 
     if args.only:
         return
