@@ -74,6 +74,11 @@ def restore_rows(rows_dir: Path, committed: Path) -> int:
     return n
 
 
+def cached_rows(pattern: str) -> list[dict]:
+    """Rows in the row cache whose file names match `pattern` (a glob), in name order."""
+    return [json.loads(f.read_text()) for f in sorted((CACHE / "rows").glob(pattern))]
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     ra = np.argsort(np.argsort(a)).astype(float)
     rb = np.argsort(np.argsort(b)).astype(float)
@@ -148,7 +153,7 @@ def main() -> None:
 
     for p in POISONS:
         if not (mcache / f"poisoned-{p}.npz").exists() and p in OPTIMISED and not args.generate:
-            kept = [json.loads(f.read_text()) for f in sorted((CACHE / "rows").glob(f"{p}+*.json"))]
+            kept = cached_rows(f"{p}+*.json")
             rows += kept
             print(f"{p}: not generated ({mcache}/poisoned-{p}.npz missing; --generate makes it); "
                   f"its {len(kept)} cached rows kept", flush=True)  # fmt: skip
@@ -187,10 +192,7 @@ def main() -> None:
                 run(f"{p}+{d}-fit{fit}", "poisoned", xp, sub0.labels, poison=p, defense=d, dvae_fit_seed=fit,
                     poison_sha256=digest, matrix_acc=acc, matrix_acc_unverified=other)  # fmt: skip
         seen = {r["set"] for r in rows}  # D-VAE rows of fits this matrix cache does not hold: kept from the row cache
-        for f in sorted((CACHE / "rows").glob(f"{p}+dvae*-fit*.json")):
-            r = json.loads(f.read_text())
-            if r["set"] not in seen and r.get("poison_sha256") == digest:
-                rows.append(r)
+        rows += [r for r in cached_rows(f"{p}+dvae*-fit*.json") if r["set"] not in seen and r.get("poison_sha256") == digest]
 
     if args.only:
         return

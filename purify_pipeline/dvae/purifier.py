@@ -34,8 +34,8 @@ CPU_BLOCK = 32  # images per forward pass on a CPU (see `Purifier.purify_torch`)
 
 
 def _pad(t: Tensor, n: int) -> Tensor:
-    """Append zero rows so that `t` has `n` rows."""
-    return torch.cat([t, t.new_zeros((n - len(t), *t.shape[1:]))])
+    """Append zero rows so that `t` has `n` rows (`t` itself when it has them)."""
+    return t if len(t) == n else torch.cat([t, t.new_zeros((n - len(t), *t.shape[1:]))])
 
 
 def validate_batch(images: Any, labels: Any, *, num_classes: int, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -131,11 +131,8 @@ class Purifier:
             eps = torch.randn((len(x), 3, *self.stage1.latent_shape), generator=generator, device=x.device)
         out = x.new_empty(x.shape)
         for i in range(0, len(x), CPU_BLOCK):  # fixed-size blocks, the last one zero-padded
-            xb, yb, k = x[i : i + CPU_BLOCK], y[i : i + CPU_BLOCK], min(CPU_BLOCK, len(x) - i)
-            eb = None if eps is None else eps[i : i + CPU_BLOCK]
-            if k < CPU_BLOCK:
-                xb, yb = _pad(xb, CPU_BLOCK), _pad(yb, CPU_BLOCK)
-                eb = None if eb is None else _pad(eb, CPU_BLOCK)
+            xb, yb, eb = (None if t is None else _pad(t[i : i + CPU_BLOCK], CPU_BLOCK) for t in (x, y, eps))
+            k = min(CPU_BLOCK, len(x) - i)
             out[i : i + k] = self._passes(xb, yb, mode=mode, eps=eb, generator=generator, stages=stages)[:k]
         return out
 
