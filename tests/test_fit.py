@@ -40,7 +40,7 @@ def _history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_worker_fit_gives_a_checkpoint_purify_shards_uses(small_shards, tmp_path, ray_session, monkeypatch):
+def test_two_worker_fit_gives_a_checkpoint_purify_shards_uses(small_shards, tmp_path, ray_session):
     out = fit_purifier(small_shards, preset=_cfg(), output=str(tmp_path / "ckpt"), num_workers=2,
                        storage_path=str(tmp_path / "runs"), run_name="two", progress=False)  # fmt: skip
     pur = Purifier.load(out)
@@ -62,33 +62,30 @@ def test_two_worker_fit_gives_a_checkpoint_purify_shards_uses(small_shards, tmp_
     assert np.array_equal(s1.images, want)
     assert not np.array_equal(s1.images, inp.images)
 
-    # one worker, same seed: a similar loss (DDP averages gradients over the same global batch); relative paths,
-    # as in the module's example, with the run state in the default `<output>.runs`
-    monkeypatch.chdir(tmp_path)
-    out1 = fit_purifier(small_shards, preset=_cfg(), output="ckpt1", num_workers=1, run_name="one", progress=False)
-    assert (tmp_path / "ckpt1.runs" / "one" / "metrics.jsonl").exists()
-    assert Purifier.load(out1).metrics["stage1"][0]["torch_threads"] == (os.cpu_count() or 1)
-    l1 = Purifier.load(out1).metrics["stage1"][-1]["loss"]
-    l2 = pur.metrics["stage1"][-1]["loss"]
+    # the same fit in this process (one seeded loop): a similar loss, as DDP averages gradients over the same
+    # global batch (the one-worker run's exact weights are checked in the resume test below)
+    l1, l2 = _in_process(small_shards, _cfg()).metrics["stage1"][-1]["loss"], pur.metrics["stage1"][-1]["loss"]
     assert abs(l1 - l2) / l1 < 0.25, (l1, l2)
-    # one fit, two executors: one Ray Train worker gives the weights of the in-process fit_two_stage
-    one, mem = Purifier.load(out1), _in_process(small_shards, _cfg())
-    assert _same_weights(one.stage1, mem.stage1) and _same_weights(one.stage2, mem.stage2)
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(small_shards, tmp_path, ray_session):
+def test_killed_run_resumes_from_its_last_checkpoint(small_shards, tmp_path, ray_session, monkeypatch):
     cfg = _cfg(epochs=3, epochs_stage2=1, tau_auto_ratio=0.5)  # the automatic tau chosen in epoch 0 must survive
-    kw = dict(preset=cfg, output=str(tmp_path / "ckpt"), num_workers=1, storage_path=str(tmp_path / "runs"),
-              run_name="crashy", progress=False)  # fmt: skip
+    # relative paths, as in the module's example, with the run state in the default `<output>.runs`
+    monkeypatch.chdir(tmp_path)
+    kw = dict(preset=cfg, output="ckpt", num_workers=1, run_name="crashy", progress=False)
     with pytest.raises(Exception, match="injected failure after epoch 0"):
         fit_purifier(small_shards, max_failures=0, _crash_after_epoch=0, **kw)
-    run_dir = tmp_path / "runs" / "crashy"
+    run_dir = tmp_path / "ckpt.runs" / "crashy"
     assert [h["epoch"] for h in _history(run_dir)] == [0]
-    fit_purifier(small_shards, **kw)
+    out = fit_purifier(small_shards, **kw)
     hist = _history(run_dir)
     assert [(h["stage"], h["epoch"], h["resumed_from"]) for h in hist] == [(1, 0, 0), (1, 1, 1), (1, 2, 1), (2, 0, 0)]
     auto_tau = 0.5 * hist[0]["kl"]
     assert [h["tau"] for h in hist[:3]] == [cfg.tau1, auto_tau, auto_tau] and hist[3]["tau"] == cfg.tau2
+    # one Ray Train worker, killed and resumed, gives the weights of the uninterrupted in-process fit_two_stage
+    pur, mem = Purifier.load(out), _in_process(small_shards, cfg)
+    assert pur.metrics["stage1"][0]["torch_threads"] == (os.cpu_count() or 1)  # a lone worker gets every core
+    assert _same_weights(pur.stage1, mem.stage1) and _same_weights(pur.stage2, mem.stage2)
     # a finished run is not trained again: re-running only rebuilds the output
     fit_purifier(small_shards, **kw)
     assert len(_history(run_dir)) == 4
