@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -136,6 +137,7 @@ def main() -> None:
         s = purify_shards(urls, str(tmp / f"out{r}"), ckpt, progress=False, audit=False)
         e2e.append(s.images_per_s)
     ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)  # the checkpoint and the purified copies
     actors = int(cluster_cpus)  # the default pool: one single-threaded actor per CPU
     e2e_med = statistics.median(e2e)
     facts["loadavg_at_end"] = os.getloadavg()
