@@ -14,6 +14,7 @@ depend on the weights).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -64,14 +65,7 @@ def main() -> None:
 
     facts = machine_facts("cpu")
     urls = [f"{args.data}/train-{i:06d}.tar" for i in range(args.shards)]
-    rows = []
-    for u in urls:
-        for s in shards.iter_samples(u):
-            rows.append(s)
-            if len(rows) == args.images:
-                break
-        if len(rows) == args.images:
-            break
+    rows = list(itertools.islice((s for u in urls for s in shards.iter_samples(u)), args.images))
     n = len(rows)
     keys = [r["__key__"] for r in rows]
     jpgs = [r["jpg"] for r in rows]
