@@ -107,6 +107,34 @@ def test_extra_members_pass_through_byte_identical(ray_session, tmp_path, checkp
                     assert o[col] == (s[col].encode() if isinstance(s[col], str) else s[col])
 
 
+def test_default_pool_starts_no_actor_that_no_batch_can_reach(ray_session, tmp_path, checkpoint, small_shards,
+                                                              purifier, monkeypatch):  # fmt: skip
+    """Three 60-sample shards at batch 64 are three batches: the default pool (one actor per CPU, 4 in this Ray)
+    shrinks to three actors (each would import torch and load the model), and the pixels do not change."""
+    from purify_pipeline.stages.purify_shards import _pool_for
+    from purify_pipeline.stages.purify_stage import PurifyStage
+
+    pools = []
+    real = PurifyStage.map_batches_kwargs
+
+    def spy(self, *a, **k):
+        kw = real(self, *a, **k)
+        pools.append((kw["compute"].min_size, kw["compute"].max_size))
+        return kw
+
+    monkeypatch.setattr(PurifyStage, "map_batches_kwargs", spy)
+    assert ray_session.cluster_resources()["CPU"] >= 4
+    summary = purify_shards(_write_inputs(tmp_path / "in", small_shards), str(tmp_path / "out"), checkpoint, prefix="p",
+                            batch_size=64, progress=False)  # fmt: skip
+    assert pools == [(3, 3)] and summary.samples_out == 180
+    for i, group in enumerate(small_shards):
+        got = shards.load_arrays([str(tmp_path / "out" / f"p-{i:06d}.tar")], progress=False).images
+        assert np.array_equal(got, _reference(purifier, group))
+    stage = PurifyStage(checkpoint)
+    assert [_pool_for(stage, b, 16.0, None) for b in (0, 3, 40)] == [1, 3, 16]
+    assert _pool_for(PurifyStage(checkpoint, actors=(1, 8)), 2, 16.0, None) == (1, 8)  # an explicit pool is the user's
+
+
 def _bad_group(good: list[dict], rng) -> tuple[list[dict], dict[str, str]]:
     """Good samples with one of each bad kind mixed in, plus gray/RGBA images that are converted, not rejected."""
     g = [dict(s) for s in good[:12]]

@@ -19,7 +19,7 @@ from purify_pipeline.data import shards
 from purify_pipeline.data.shards import ShardError
 
 __all__ = ["QUARANTINE_DIR", "check_not_input", "clean_own_tmp", "duplicate_keys", "existing_names", "is_own_tmp",
-           "own_names", "raise_on_duplicates", "remove_own"]
+           "own_names", "raise_on_duplicates", "remove_own", "shard_keys"]
 
 QUARANTINE_DIR = "quarantine"
 _TMP_TAIL = re.escape(shards.TMP_MARKER) + r"[0-9a-f]{12}"
@@ -87,21 +87,32 @@ def remove_own(output: str, names: Sequence[str], storage_options: Mapping[str, 
             fs.rm(p)
 
 
-def duplicate_keys(urls: Sequence[str], *, storage_options: Mapping[str, Any] | None = None,
-                   threads: int = 4) -> dict[int, dict[int, tuple[str, str]]]:  # fmt: skip
-    """Sample keys that occur in more than one input shard: ``{shard index: {position: (key, reason)}}``
-    for every occurrence after the first (shards in input order). Reads tar headers only."""
+def shard_keys(urls: Sequence[str], *, storage_options: Mapping[str, Any] | None = None,
+               threads: int = 4) -> list[list[tuple[int, str | None]]]:  # fmt: skip
+    """``(position, key)`` of every sample group of each shard, in order (key None for an unreadable group).
+    Reads tar headers only."""
 
-    def keys(url: str) -> list[tuple[int, str]]:
-        return [(r["__pos__"], r["__key__"]) for r in shards.iter_records(url, storage_options=storage_options, data=False)
-                if "__error__" not in r]  # fmt: skip
+    def keys(url: str) -> list[tuple[int, str | None]]:
+        return [(r["__pos__"], None if "__error__" in r else r["__key__"])
+                for r in shards.iter_records(url, storage_options=storage_options, data=False)]  # fmt: skip
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        per_shard = list(pool.map(keys, urls))
+        return list(pool.map(keys, urls))
+
+
+def duplicate_keys(urls: Sequence[str], *, storage_options: Mapping[str, Any] | None = None, threads: int = 4,
+                   keys: list[list[tuple[int, str | None]]] | None = None,
+                   ) -> dict[int, dict[int, tuple[str, str]]]:  # fmt: skip
+    """Sample keys that occur in more than one input shard: ``{shard index: {position: (key, reason)}}``
+    for every occurrence after the first (shards in input order). Reads tar headers only, or takes them from
+    `keys` (`shard_keys(urls)`) when the caller already has them."""
+    per_shard = keys if keys is not None else shard_keys(urls, storage_options=storage_options, threads=threads)
     first: dict[str, tuple[int, int]] = {}
     dups: dict[int, dict[int, tuple[str, str]]] = {}
     for i, found in enumerate(per_shard):
         for pos, key in found:
+            if key is None:
+                continue
             if key not in first:
                 first[key] = (i, pos)
             elif first[key][0] != i:  # within one shard the reader itself flags repeated keys

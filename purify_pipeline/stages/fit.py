@@ -29,40 +29,17 @@ from safetensors.torch import load_file
 
 from purify_pipeline._progress import progress_enabled
 from purify_pipeline.data import shards
-from purify_pipeline.data.shards import ShardError
 from purify_pipeline.dvae.config import DVAEConfig
 from purify_pipeline.dvae.model import DVAE
 from purify_pipeline.dvae.purifier import Purifier
 from purify_pipeline.dvae.train import replace_dir, use_channels_last
 from purify_pipeline.dvae.two_stage import _LocalSession, _placeholder, fit_one_stage
+from purify_pipeline.stages.shard_io import training_dataset  # torch-free: its read tasks skip importing torch
 
 __all__ = ["fit_purifier", "load_training_arrays", "training_dataset"]
 
 
 # ----------------------------------------------------------------------------------------------- data
-def _decode_batch(batch: dict[str, np.ndarray], *, num_classes: int, image_size: int) -> dict[str, np.ndarray]:
-    """Raw shard rows -> {"image": uint8 NHWC, "label": int64}; bad samples raise ShardError(shard, key)."""
-    images, labels, keys = [], [], []
-    for i, key in enumerate(batch["__key__"]):
-        url = str(batch["__url__"][i])
-        if batch["__error__"][i]:
-            raise ShardError(str(batch["__error__"][i]), shard=url, key=str(key))
-        row = {c: batch[c][i] for c in batch if not c.startswith("__") and batch[c][i] is not None}
-        col = shards.find_image_column(row, shard=url, key=key)
-        img = shards.decode_image(row[col], col, shard=url, key=key)
-        if img.shape[:2] != (image_size, image_size):
-            raise ShardError(f"image is {img.shape[0]}x{img.shape[1]}, the model expects {image_size}x{image_size}",
-                             shard=url, key=key)  # fmt: skip
-        label = shards.parse_label(row.get("cls"), shard=url, key=key)
-        if not 0 <= label < num_classes:
-            raise ShardError(f"label {label} is outside the model's classes [0, {num_classes})", shard=url, key=key)
-        images.append(img)
-        labels.append(label)
-        keys.append(str(key))
-    return {"image": np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8),
-            "label": np.asarray(labels, dtype=np.int64), "key": np.asarray(keys, dtype=object)}  # fmt: skip
-
-
 def load_training_arrays(it: Any) -> tuple[np.ndarray, np.ndarray]:
     """Decode a worker's training dataset once into memory (uint8 NHWC + int64), sorted by sample key so the
     order, and with it every seeded shuffle, does not depend on how Ray scheduled the read tasks."""
@@ -76,21 +53,6 @@ def load_training_arrays(it: Any) -> tuple[np.ndarray, np.ndarray]:
     keys = np.concatenate(ks)
     order = np.argsort(keys.astype(str), kind="stable")
     return np.concatenate(xs)[order], np.concatenate(ys)[order].astype(np.int64)
-
-
-def training_dataset(urls: Sequence[str], *, num_classes: int, image_size: int,
-                     storage_options: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
-    """A Ray Dataset of decoded, validated {"image", "label"} rows read from WebDataset shards."""
-    import ray
-
-    from purify_pipeline.stages.shard_io import read_shards
-
-    so = dict(storage_options or {})
-    ds = ray.data.from_items([{"index": i, "url": u} for i, u in enumerate(urls)], override_num_blocks=len(urls))
-    ds = ds.map_batches(read_shards, fn_kwargs={"on_error": "skip", "storage_options": so}, batch_size=1,
-                        batch_format="numpy", num_cpus=0.25)  # fmt: skip
-    return ds.map_batches(_decode_batch, fn_kwargs={"num_classes": num_classes, "image_size": image_size},
-                          batch_format="numpy", num_cpus=0.25)  # fmt: skip
 
 
 class _RaySession:

@@ -98,6 +98,13 @@ def _audit_record(urls: Sequence[str], seed: int, so: Mapping[str, Any]) -> dict
 
 
 
+def _pool_for(stage: PurifyStage, batches: int, cpus: float | None, gpus: float | None) -> int | tuple[int, int]:
+    """The stage's default actor pool, but no actor that no batch can reach: a 2-batch job on 16 CPUs starts 2
+    actors, not 16 (each imports torch and loads the model before it can work)."""
+    pool = stage.resolve_actors(cpus, gpus)
+    return max(1, min(pool, batches)) if isinstance(pool, int) else pool
+
+
 def _settings(stage: PurifyStage, prefix: str) -> dict[str, Any]:
     c = stage.config
     return {"prefix": prefix, "mode": c.mode, "seed": c.seed, "image_column": c.image_column,
@@ -250,7 +257,8 @@ def purify_shards(
         fs.makedirs(out_path, exist_ok=True)
     old, stale, tmp_prefixes = _prepare_output(output, urls, prefix, overwrite, so)
     entries = _done_shards(None if overwrite else old, urls, output, fingerprint, settings, so, verify)
-    dups = outdir.duplicate_keys(urls, storage_options=so, threads=write_threads) if check_keys else {}
+    keys = outdir.shard_keys(urls, storage_options=so, threads=write_threads) if check_keys else None
+    dups = outdir.duplicate_keys(urls, keys=keys) if keys is not None else {}
     if dups and on_error == "raise":
         outdir.raise_on_duplicates(urls, dups)
     if old is not None:  # the directory is this job's and the run may go on: clear its own leftovers
@@ -269,6 +277,10 @@ def purify_shards(
         ctx = ray.data.DataContext.get_current()
         ray_bars = ctx.enable_progress_bars
         ctx.enable_progress_bars = ray_bars and progress_enabled(progress)
+        if actors is None and keys is not None:  # its actors keep the default pool's threads: the same bytes
+            res = ray.cluster_resources()
+            batches = sum(-(-len(keys[i]) // batch_size) for i in todo)
+            stage.actors = _pool_for(stage, batches, res.get("CPU"), res.get("GPU"))
         bar = _bar(total=len(todo), enabled=progress, desc="purify shards", unit="shard")
         try:
             items = [{"index": i, "url": urls[i], "dups": json.dumps({str(p): list(v) for p, v in dups.get(i, {}).items()})}

@@ -1,5 +1,7 @@
 """The shard side of `purify_shards` (and of the poison job): reading tars into Ray rows, assembling the rows
-that come back into output shards, quarantine shards and the manifest.
+that come back into output shards, quarantine shards and the manifest; and `fit_purifier`'s decoded training
+input (`training_dataset`). Nothing here imports torch, so a fresh Ray worker running a read task does not pay
+the seconds that costs.
 
 Every sample group of a tar is one row (`shards.iter_records`), bad ones included, tagged with its shard
 index, position and the shard's sample count; a bad row carries its message in ``ERROR_COL``. The driver's
@@ -10,14 +12,14 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from purify_pipeline.data import outdir, shards
 from purify_pipeline.data.shards import ShardError
 
-__all__ = ["ERROR_COL", "read_shards", "save_manifest", "write_quarantine"]
+__all__ = ["ERROR_COL", "decode_training_batch", "read_shards", "save_manifest", "training_dataset", "write_quarantine"]
 
 
 ERROR_COL = "__error__"
@@ -192,3 +194,40 @@ def _rows(batch: dict[str, np.ndarray]):
             if v is not None and not (isinstance(v, (float, np.floating)) and np.isnan(v)):  # NaN: a null member
                 row[c] = v
         yield row
+
+
+def decode_training_batch(batch: dict[str, np.ndarray], *, num_classes: int, image_size: int) -> dict[str, np.ndarray]:
+    """Raw shard rows -> {"image": uint8 NHWC, "label": int64, "key"}; bad samples raise ShardError(shard, key)."""
+    images, labels, keys = [], [], []
+    for i, key in enumerate(batch["__key__"]):
+        url = str(batch["__url__"][i])
+        if batch["__error__"][i]:
+            raise ShardError(str(batch["__error__"][i]), shard=url, key=str(key))
+        row = {c: batch[c][i] for c in batch if not c.startswith("__") and batch[c][i] is not None}
+        col = shards.find_image_column(row, shard=url, key=key)
+        img = shards.decode_image(row[col], col, shard=url, key=key)
+        if img.shape[:2] != (image_size, image_size):
+            raise ShardError(f"image is {img.shape[0]}x{img.shape[1]}, the model expects {image_size}x{image_size}",
+                             shard=url, key=key)  # fmt: skip
+        label = shards.parse_label(row.get("cls"), shard=url, key=key)
+        if not 0 <= label < num_classes:
+            raise ShardError(f"label {label} is outside the model's classes [0, {num_classes})", shard=url, key=key)
+        images.append(img)
+        labels.append(label)
+        keys.append(str(key))
+    return {"image": np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8),
+            "label": np.asarray(labels, dtype=np.int64), "key": np.asarray(keys, dtype=object)}  # fmt: skip
+
+
+def training_dataset(urls: Sequence[str], *, num_classes: int, image_size: int,
+                     storage_options: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
+    """A Ray Dataset of decoded, validated {"image", "label", "key"} rows read from WebDataset shards: the input of
+    `fit_purifier`'s Ray Train workers. Defined here, away from torch, so its read tasks start fast."""
+    import ray
+
+    so = dict(storage_options or {})
+    ds = ray.data.from_items([{"index": i, "url": u} for i, u in enumerate(urls)], override_num_blocks=len(urls))
+    ds = ds.map_batches(read_shards, fn_kwargs={"on_error": "skip", "storage_options": so}, batch_size=1,
+                        batch_format="numpy", num_cpus=0.25)  # fmt: skip
+    return ds.map_batches(decode_training_batch, fn_kwargs={"num_classes": num_classes, "image_size": image_size},
+                          batch_format="numpy", num_cpus=0.25)  # fmt: skip
