@@ -8,7 +8,8 @@ folder, or this working tree), and the trees alternate repeat by repeat, so both
   timed optimiser steps after one warm-up step (what every Ray Train worker of `fit_purifier` runs).
 - purify: `purify_shards` end to end on --shards CIFAR-10 shards (read tar, decode JPEG, purify, encode PNG,
   write, manifest) with an untrained, seeded `cpu`-preset checkpoint, a local 2-CPU Ray started before the clock.
-Variants of this tree: its defaults (fp32), and bf16 autocast (only on a CPU with native bfloat16).
+Variants of this tree: its defaults (fp32), and bf16 autocast (only on a CPU with native bfloat16); with --compile
+also the fit with `compile=True` (torch.compile of the convolution stacks) in each precision (purify: not timed).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 FIT_CHILD = r"""
 import json, sys, time, torch
 from purify_pipeline import DVAE, DVAEConfig, fit_stage, shards
-data_dir, steps, bf16 = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+data_dir, steps, bf16, comp = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4:5] == ["1"]
 data = shards.load_arrays(f"{data_dir}/train-{{000000..000003}}.tar", progress=False)  # 4,000 images: 24 steps of 128
 cfg = DVAEConfig.preset("cpu")
 out = {}
@@ -38,8 +39,8 @@ for stage in (1, 2):
     torch.manual_seed(0)
     model = DVAE(cfg)
     kw = dict(tau=cfg.tau(stage), epochs=1, cfg=cfg, progress=False, batch_size=bs,
-              autocast_dtype=torch.bfloat16 if bf16 else None)
-    fit_stage(model, x[:bs], y[:bs], **kw)  # warm-up step
+              autocast_dtype=torch.bfloat16 if bf16 else None, **({"compile": True} if comp else {}))
+    fit_stage(model, x[:bs], y[:bs], **kw)  # warm-up step (with compile: the compilation; the timed call hits its cache)
     t0 = time.perf_counter()
     h = fit_stage(model, x[bs:], y[bs:], **kw)
     out[f"stage{stage}_samples_per_s"] = h[0]["samples"] / (time.perf_counter() - t0)
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8, help="timed optimiser steps per stage")
     ap.add_argument("--shards", type=int, default=5, help="CIFAR-10 shards (1,000 images each) to purify")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also time the fit with compile=True")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "speed"))
     args = ap.parse_args()
 
@@ -101,28 +103,32 @@ def main() -> None:
     Purifier(DVAE(cfg), DVAE(cfg)).save(ckpt)
     urls = [f"{args.data}/train-{i:06d}.tar" for i in range(args.shards)]
 
-    variants = [("base", base, False), ("this tree", REPO, False)]
+    variants = [("base", base, False, False), ("this tree", REPO, False, False)]
     if cpu_has_native_bf16():
-        variants.append(("this tree, bf16", REPO, True))
-    runs: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
+        variants.append(("this tree, bf16", REPO, True, False))
+    if args.compile:
+        variants += [(f"{name}, compiled", REPO, bf16, True) for name, tree, bf16, _ in variants if tree == REPO]
+    runs: dict[str, list[dict]] = {name: [] for name, *_ in variants}
     for r in range(args.repeats):
-        for name, tree, bf16 in variants:
-            fit = run_child(tree, FIT_CHILD, [args.data, str(args.steps), "1" if bf16 else "0"])
-            pur = run_child(tree, PURIFY_CHILD, [json.dumps(urls), str(work / f"out-{len(runs[name])}-{r}"), ckpt,
-                                                 "1" if bf16 else "0"])  # fmt: skip
-            runs[name].append({**fit, "purify_images_per_s": pur["images_per_s"], "purify_seconds": pur["seconds"]})
+        for name, tree, bf16, comp in variants:
+            fit = run_child(tree, FIT_CHILD, [args.data, str(args.steps), "1" if bf16 else "0"] + (["1"] if comp else []))
+            if not comp:  # compile is a fit option: purification is the same code as the uncompiled variant's
+                pur = run_child(tree, PURIFY_CHILD, [json.dumps(urls), str(work / f"out-{len(runs[name])}-{r}"), ckpt,
+                                                     "1" if bf16 else "0"])  # fmt: skip
+                fit.update(purify_images_per_s=pur["images_per_s"], purify_seconds=pur["seconds"])
+            runs[name].append(fit)
             print(name, runs[name][-1], flush=True)
 
     keys = ["stage1_samples_per_s", "stage2_samples_per_s", "purify_images_per_s"]
-    med = {name: {k: statistics.median(x[k] for x in rs) for k in keys} for name, rs in runs.items()}
-    ratio = {name: {k: med[name][k] / med["base"][k] for k in keys} for name in med}
+    med = {name: {k: statistics.median(x[k] for x in rs) if k in rs[0] else None for k in keys} for name, rs in runs.items()}
+    ratio = {name: {k: med[name][k] / med["base"][k] if med[name][k] else None for k in keys} for name in med}
     facts["loadavg_at_end"] = os.getloadavg()
-    res = {"base": base_sha, "head": head_sha, "uncommitted_changes": dirty, "steps": args.steps,
+    res = {"base": base_sha, "head": head_sha, "uncommitted_changes": dirty, "steps": args.steps, "compile": args.compile,
            "shards": args.shards, "repeats": args.repeats, "runs": runs, "median": med, "ratio_to_base": ratio,
            "machine": facts}  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = facts["cpu_capability"].lower()
+    tag = facts["cpu_capability"].lower() + ("-compile" if args.compile else "")
     (out / f"speedup-{tag}.json").write_text(json.dumps(res, indent=1))
     lines = [f"# Fit and purification speed: this tree ({head_sha}{' + changes' if dirty else ''}) against {base_sha}",
              "", f"Command: `{facts['command']}`", "",
@@ -132,10 +138,8 @@ def main() -> None:
              "", "| code | fit, stage 1 (batch 128) samples/s | fit, stage 2 (batch 32) samples/s | "
              f"`purify_shards` images/s ({args.shards}k images) |", "|---|---|---|---|"]  # fmt: skip
     for name in med:
-        m, q = med[name], ratio[name]
-        lines.append(f"| {name if name != 'base' else f'base ({base_sha})'} | {m['stage1_samples_per_s']:.1f} "
-                     f"({q['stage1_samples_per_s']:.2f}x) | {m['stage2_samples_per_s']:.1f} ({q['stage2_samples_per_s']:.2f}x) "
-                     f"| {m['purify_images_per_s']:.1f} ({q['purify_images_per_s']:.2f}x) |")  # fmt: skip
+        cells = [f"{med[name][k]:.1f} ({ratio[name][k]:.2f}x)" if med[name][k] else "—" for k in keys]
+        lines.append(f"| {name if name != 'base' else f'base ({base_sha})'} | " + " | ".join(cells) + " |")
     (out / f"speedup-{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--committed", default=str(RAW), help="folder of the committed results.jsonl files")
     ap.add_argument("--device", default=None, help="passed to paper_gpu.py (default: cuda when present)")
     ap.add_argument("--smoke", action="store_true", help="paper_gpu.py --smoke (tiny widths, 1k images): CPU check")
+    ap.add_argument("--compile", action="store_true", help="paper_gpu.py --compile: D-VAE fits with torch.compile")
     ap.add_argument("--plan", action="store_true", help="print the next step and exit")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     args = ap.parse_args(argv)
@@ -126,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--poison-set", kv]
         if args.device:
             cmd += ["--device", args.device]
-        if args.smoke:
-            cmd.append("--smoke")
+        cmd += ["--smoke"] if args.smoke else []
+        cmd += ["--compile"] if args.compile else []
         print("$ " + " ".join(cmd), flush=True)
         rc = subprocess.run(cmd).returncode
         ran.append(step["name"])

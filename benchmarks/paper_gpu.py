@@ -150,6 +150,11 @@ def probe(args: argparse.Namespace, d: dict[str, np.ndarray], out: Path) -> dict
         m = DVAE(cfg)
         h = fit_stage(m, x, y, tau=cfg.tau1, epochs=2, cfg=cfg, device=dev, progress=False, autocast_dtype=amp)
         res[name] = h[-1]["samples_per_s"]
+    if args.compile:  # the jobs' precision with torch.compile: the second epoch runs the compiled kernels warm
+        torch.manual_seed(0)
+        h = fit_stage(DVAE(cfg), x, y, tau=cfg.tau1, epochs=2, cfg=cfg, device=dev, progress=False, compile=True,
+                      autocast_dtype=torch.bfloat16 if fast == "bf16" else None)  # fmt: skip
+        res[f"dvae_train_{fast}_compiled_img_s"] = h[-1]["samples_per_s"]
     pur = Purifier(m, DVAE(cfg), device=dev)
     for bs in (256, 1024):
         pur.purify(x[:bs], y[:bs], batch_size=bs)  # warm-up
@@ -190,7 +195,7 @@ def plan(args: argparse.Namespace, pr: dict[str, float], n: int) -> tuple[int, l
     """
     fast = pr.get("jobs_precision", "bf16")
     clf_s = args.clf_epochs * n / pr[f"resnet18_train_{fast}_img_s"]
-    epoch_s = 2 * n / pr[f"dvae_train_{fast}_img_s"]  # one epoch of each stage
+    epoch_s = 2 * n / pr[f"dvae_train_{fast}{'_compiled' if args.compile else ''}_img_s"]  # one epoch of each stage
     spare = args.budget_s - clf_s
     epochs = PAPER_EPOCHS if spare >= PAPER_EPOCHS * epoch_s else max(5, int(spare // epoch_s))
     jobs = ["dvae"]
@@ -257,7 +262,7 @@ def job(args: argparse.Namespace) -> None:
         cfg = dvae_config(args.dvae_epochs, args.smoke, seed=args.seed)  # seed 1: a second fit, a second classifier
         t0 = time.perf_counter()
         pur = fit_two_stage(d["poisoned"], d["labels"], cfg, device=args.device, progress=False,
-                            bf16=use_bf16(args.device))
+                            bf16=use_bf16(args.device), compile=args.compile)
         fit_s = time.perf_counter() - t0
         hist = {k: [{m: round(float(e[m]), 5) for m in ("loss", "kl", "seconds") if m in e} for e in v]
                 for k, v in pur.metrics.items()}  # fmt: skip
@@ -273,7 +278,8 @@ def job(args: argparse.Namespace) -> None:
         np.savez(out / "samples.npz", clean=d["clean"][:k], poisoned=d["poisoned"][:k], dvae=x[:k],
                  stage1=pur.purify(d["poisoned"][:k], d["labels"][:k], stages=1))
         classify(args, d, x, "dvae", out, extra={"dvae_preset": cfg.preset_name, "dvae_epochs": cfg.epochs, "dvae_seed": cfg.seed,
-                                                 "dvae_fit_s": fit_s, "dvae_bf16": use_bf16(args.device)})
+                                                 "dvae_fit_s": fit_s, "dvae_bf16": use_bf16(args.device),
+                                                 "dvae_compile": args.compile})
     else:
         raise SystemExit(f"unknown job {name!r}")
 
@@ -404,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jobs", nargs="+", default=None, help="default: chosen by the probe to fit --budget-s")
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--smoke", action="store_true", help="1k images, tiny widths, 1 epoch: every code path")
+    ap.add_argument("--compile", action="store_true", help="fit the D-VAE with torch.compile (the probe times both)")
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.report:
@@ -433,8 +440,8 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [sys.executable, __file__, "--job", name, "--out", str(out), "--work", args.work, "--data", args.data,
                    "--poison", args.poison, "--device", args.device, "--seed", str(args.seed),
                    "--clf-epochs", str(args.clf_epochs), "--dvae-epochs", str(args.dvae_epochs)]  # fmt: skip
-            if args.smoke:
-                cmd.append("--smoke")
+            cmd += ["--smoke"] if args.smoke else []
+            cmd += ["--compile"] if args.compile else []
             procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
         codes = {name: p.wait() for name, p in procs}
     emit(out, {"kind": "done", "exit_codes": codes, "total_s": time.perf_counter() - t_start})

@@ -128,7 +128,7 @@ def cmd_fit(a: argparse.Namespace) -> int:
     init_ray(a.address)
     fit_purifier(urls, preset=cfg, output=a.out, num_workers=a.workers, use_gpu=a.gpu,
                  cpus_per_worker=a.cpus_per_worker, storage_path=a.storage_path, resume=not a.restart,
-                 class_names=classes, bf16=a.bf16)  # fmt: skip
+                 class_names=classes, bf16=a.bf16, compile=a.compile)  # fmt: skip
     print(f"checkpoint written to {a.out}")
     return 0
 

@@ -78,7 +78,7 @@ def test_paper_gpu_poison_overrides_are_applied_and_recorded(cifar10_dir: Path, 
 def test_campaign_runs_the_first_missing_step_and_the_next_call_continues(cifar10_dir: Path, tmp_path: Path) -> None:
     """benchmarks/campaign.py: from the committed cells it picks the first missing step (AR's D-VAE and undefended
     rows here), runs it through paper_gpu.py (smoke widths on the CPU), and a second call, reading that step's
-    results.jsonl, plans the next step (AR's second seed) instead of repeating it."""
+    results.jsonl, plans the next step (AR's second seed) instead of repeating it. `--compile` passes through."""
     script = SCRIPT.parent / "campaign.py"
     committed = tmp_path / "committed"
     committed.mkdir()
@@ -88,13 +88,17 @@ def test_campaign_runs_the_first_missing_step_and_the_next_call_continues(cifar1
     common = ["--committed", str(committed), "--out", str(tmp_path / "out"), "--poisons", "em", "ar",
               "--data", str(cifar10_dir)]  # fmt: skip
     run = subprocess.run([sys.executable, str(script), *common, "--smoke", "--device", "cpu", "--max-steps", "1",
-                          "--min-step-s", "0"], capture_output=True, text=True, timeout=900)  # fmt: skip
+                          "--min-step-s", "0", "--compile"], capture_output=True, text=True, timeout=900)  # fmt: skip
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     first = json.loads(run.stdout.splitlines()[0])["next"]
     assert first == {"name": "ar-s0", "poison": "ar", "jobs": ["dvae", "none"], "seed": 0, "dvae_epochs": None}
     recs = [json.loads(x) for x in (tmp_path / "out" / "ar-s0" / "results.jsonl").read_text().splitlines()]
     assert {(r["poison"], r["defense"], r["seed"]) for r in recs if r["kind"] == "cell"} == {("ar", "dvae", 0),
                                                                                                ("ar", "none", 0)}
+    # --compile reaches the step: the probe times the compiled fit, and the D-VAE cell says it was compiled
+    probe = next(r for r in recs if r["kind"] == "probe")
+    assert probe[f"dvae_train_{probe['jobs_precision']}_compiled_img_s"] > 0
+    assert next(r for r in recs if r["kind"] == "cell" and r["defense"] == "dvae")["dvae_compile"] is True
     plan = subprocess.run([sys.executable, str(script), *common, "--plan"], capture_output=True, text=True, timeout=60)
     assert plan.returncode == 0, plan.stderr
     nxt = json.loads(plan.stdout.splitlines()[0])["next"]

@@ -73,7 +73,7 @@ class _LocalSession:
 
 
 def fit_one_stage(images: np.ndarray, labels: np.ndarray, cfg: DVAEConfig, stage: int, sess: Any, *,
-                  progress: bool = True, bf16: bool = False, metrics_path: str | None = None,
+                  progress: bool = True, bf16: bool = False, compile: bool = False, metrics_path: str | None = None,
                   crash_after_epoch: int | None = None) -> tuple[DVAE, list[dict]]:  # fmt: skip
     """The one stage loop of every fit, whatever runs it: seeded initial weights (the same on every rank), resume
     from the session's last checkpoint, one seeded permutation of all samples per epoch (rank r trains on rows
@@ -113,13 +113,15 @@ def fit_one_stage(images: np.ndarray, labels: np.ndarray, cfg: DVAEConfig, stage
     fit_stage(model, batches, tau=tau, epochs=epochs, cfg=cfg, device=sess.device, seed=shuffle_seed + sess.rank,
               start_epoch=start, optimizer=opt, scheduler=sched, on_epoch_end=on_epoch_end,
               progress=progress and sess.rank == 0, desc=f"stage {stage}",
-              autocast_dtype=torch.bfloat16 if bf16 else None, steps=len(images) // (per_worker * sess.world))  # fmt: skip
+              autocast_dtype=torch.bfloat16 if bf16 else None, steps=len(images) // (per_worker * sess.world),
+              compile=compile)  # fmt: skip
     return getattr(model, "module", model), history
 
 
 def fit_two_stage(images: np.ndarray, labels: np.ndarray, preset: str | DVAEConfig, *, keys: Sequence[str] | None = None,
                   class_names: Sequence[str] | None = None, device: str | torch.device = "cpu", progress: bool = True,
-                  bf16: bool = False, checkpoint_dir: str | os.PathLike | None = None) -> Purifier:  # fmt: skip
+                  bf16: bool = False, compile: bool = False,
+                  checkpoint_dir: str | os.PathLike | None = None) -> Purifier:  # fmt: skip
     """Fit both stages on in-memory data, in this process: `fit_purifier`'s loop (`fit_one_stage`) and seeding,
     with stage 2 trained on the stage-1 purification of the images (noise seeded by each sample's key, as
     `purify_shards` does). Given the key-sorted arrays of a set of shards and their keys, the result has the
@@ -127,8 +129,9 @@ def fit_two_stage(images: np.ndarray, labels: np.ndarray, preset: str | DVAEConf
 
     preset: a preset name (its classes: `class_names`, else the largest label + 1) or a DVAEConfig, as for
     `fit_purifier`. keys: one per image (default: the zero-padded index). bf16: bfloat16 autocast (a GPU, or a CPU with AMX /
-    AVX512-BF16). checkpoint_dir: save each stage's state there after every epoch and, when called again with
-    the same config and data, resume from the last saved epoch; the result has the bytes of an uninterrupted fit."""
+    AVX512-BF16). compile: `torch.compile` the convolution stacks while training (`fit_stage`). checkpoint_dir:
+    save each stage's state there after every epoch and, when called again with the same config and data, resume
+    from the last saved epoch; the result has the bytes of an uninterrupted fit."""
     if isinstance(preset, DVAEConfig):
         cfg = preset
     else:
@@ -142,7 +145,7 @@ def fit_two_stage(images: np.ndarray, labels: np.ndarray, preset: str | DVAEConf
         raise ValueError(f"{len(keys)} keys for {len(images)} images")
     fp = data_fingerprint(images, labels)
     ckpt = None if checkpoint_dir is None else _fit_checkpoint_dir(Path(checkpoint_dir), cfg, fp)
-    kw = dict(progress=progress, bf16=bf16)
+    kw = dict(progress=progress, bf16=bf16, compile=compile)
     stage1, h1 = fit_one_stage(images, labels, cfg, 1, _LocalSession(ckpt and ckpt / "stage1", device), **kw)
     half = Purifier(stage1, _placeholder(cfg), device=device)
     ids = sample_ids_for_keys(keys if keys is not None else [f"{i:08d}" for i in range(len(images))])

@@ -103,7 +103,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(config.get("threads") or max(1, (os.cpu_count() or 1) // sess.local_world))
     images, labels = load_training_arrays(sess.iterator())  # every worker holds the whole set, decoded once
     fit_one_stage(images, labels, DVAEConfig.from_dict(config["cfg"]), config["stage"], sess,
-                  progress=config["progress"], bf16=config["bf16"], metrics_path=config["metrics_path"],
+                  progress=config["progress"], bf16=config["bf16"], compile=config.get("compile", False),
+                  metrics_path=config["metrics_path"],
                   crash_after_epoch=config.get("_crash_after_epoch"))  # fmt: skip
 
 
@@ -195,6 +196,7 @@ def fit_purifier(
     threads_per_worker: int | None = None,
     max_failures: int = 1,
     bf16: bool = False,
+    compile: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     progress: bool = True,
     _crash_after_epoch: int | None = None,
@@ -207,6 +209,7 @@ def fit_purifier(
     (0.5 by default on CPU; see RAY-NOTES). threads_per_worker: torch threads of a CPU worker (default: the
     node's cores split among its workers). bf16: bfloat16 autocast, on a GPU or a CPU with native bf16 (AMX /
     AVX512-BF16: 1.3x faster for `cpu`, 1.9x for `paper` here); part of the run's identity, so it never resumes an fp32 run.
+    compile: `torch.compile` the D-VAE's convolution stacks in each worker (`fit_stage`); also part of the identity.
     """
     import ray
 
@@ -214,6 +217,7 @@ def fit_purifier(
     urls = shards.expand(train_shards, storage_options=so)
     cfg, names = _resolve(preset, urls, num_classes, class_names, so)
     how = (["bf16"] if bf16 else []) + (["channels_last"] if use_channels_last("cuda" if use_gpu else "cpu") else [])
+    how += ["compile"] if compile else []
     ident = hashlib.sha256(json.dumps([urls, cfg.to_dict()] + how, sort_keys=True).encode()).hexdigest()[:10]
     run_name = run_name or f"fit-{ident}"
     if not resume:
@@ -226,7 +230,7 @@ def fit_purifier(
     show = progress_enabled(progress)
     common = dict(num_workers=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
                   max_failures=max_failures, bf16=bf16, progress=show, extra={"_crash_after_epoch": _crash_after_epoch,
-                                                                          "threads": threads_per_worker})  # fmt: skip
+                                                                          "threads": threads_per_worker, "compile": compile})  # fmt: skip
     t0 = time.perf_counter()
     ds1 = training_dataset(urls, num_classes=cfg.num_classes, image_size=cfg.image_size, storage_options=so)
     stage1, h1 = _run_stage(1, ds1, cfg, run_dir, run_name, **common)
