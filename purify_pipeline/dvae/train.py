@@ -194,8 +194,8 @@ def fit_stage(
     channels_last: NHWC activations and weights (None = on a CPU, where oneDNN's convolutions run 1.1-1.2x
     faster so, benchmarks/results/fit/; a DDP-wrapped model must be converted before wrapping, `to_channels_last`).
     compile: the encoder and both decoders run through `torch.compile` during this call (`compiled`): the same loss
-    curve up to float rounding. Meant for GPUs; on a 2-core AVX-512 CPU it gained 1.07x at batch 128 in fp32, nothing
-    at 32, and was slower in bf16 (benchmarks/results/speed/).
+    curve up to float rounding. Meant for GPUs; on a 2-core AVX-512 CPU it measured 0.91-1.03x of the eager loop in
+    fp32 and bf16, i.e. no gain (benchmarks/results/speed/).
     """
     cfg = cfg or getattr(model, "module", model).cfg
     if labels is not None:
