@@ -101,6 +101,9 @@ INFER_VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "jpeg50in": ({"jpeg_in": 50}, "the poisoned images JPEG-compressed at quality 50 before purification (a mild "
                  "pre-filter; the fit saw uncompressed images)"),
     "ptwice": ({"p_steps": 2}, "stage 2's perturbation removed twice (x2' = x1 - p2(x1), then x2' - p2(x2')) before D2"),
+    "sharp0.5": ({"sharpen": 0.5}, "unsharp mask on the final output: x + 0.5 (x - blur(x)), Gaussian blur sigma 1 "
+                 "(gives back the detail the decoder's blur takes)"),
+    "sharp1": ({"sharpen": 1.0}, "the same with amount 1"),
 }
 
 
@@ -325,7 +328,8 @@ def outputs_of_checkpoint(cache: Path, poison: str, args, test: Any) -> None:
 
 @torch.no_grad()
 def _infer_final(pur: Purifier, images: np.ndarray, labels: np.ndarray, *, noise: float = 0.0, passes: int = 1,
-                 temperature: float = 1.0, p_steps: int = 1, jpeg_in: int = 0, seed: int = 0) -> np.ndarray:
+                 temperature: float = 1.0, p_steps: int = 1, jpeg_in: int = 0, sharpen: float = 0.0,
+                 seed: int = 0) -> np.ndarray:  # fmt: skip
     """The sampled final output with purification-time changes; with none it is `pur.purify(mode="sample")`."""
     if jpeg_in:
         images = apply_defense("jpeg", images, quality=jpeg_in)
@@ -348,6 +352,10 @@ def _infer_final(pur: Purifier, images: np.ndarray, labels: np.ndarray, *, noise
                 p2 = pur.stage2(x2, y, eps=temperature * eps[k][:, 1], decode_x=False).p_hat
                 x2 = torch.clamp(x2 - p2, 0, 1).contiguous(memory_format=fmt)
             xs = pur.stage2(x2, y, eps=temperature * eps[k][:, 2], decode_p=False).x_hat
+        if sharpen:
+            from torchvision.transforms.functional import gaussian_blur
+
+            xs = torch.clamp(xs + sharpen * (xs - gaussian_blur(xs, [5, 5], [1.0, 1.0])), 0, 1)
         out[ids] = torch.round(xs * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out[:n]
 

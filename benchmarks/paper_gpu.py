@@ -12,8 +12,11 @@ Why not matrix.py: the GPU machines it ran on have PyTorch but no Ray, so matrix
 functions in-process (`fit_two_stage`, `Purifier.purify`, `train_classifier`) and writes cells in matrix.py's
 format. Two phases:
 
-- probe: alone on the GPU, a few hundred steps of each model (paper D-VAE train steps in bf16 and fp32, purify,
-  ResNet-18 train steps): the throughput figures, and a smoke test of every GPU code path before the long jobs.
+- probe: alone on the GPU, a few hundred steps of each model: the paper D-VAE's fit in every FIT_VARIANTS way
+  (host-fed batches as before; the training set resident on the GPU with fused Adam, in NCHW and NHWC, eager,
+  compiled and with CUDA graphs), purification with numpy in and out in both layouts and precisions, ResNet-18
+  training: the throughput figures side by side, and a smoke test of every GPU code path before the long jobs.
+  The jobs then fit in the fastest variant and purify in the faster layout (both recorded in the cell).
 - jobs: one process per cell, all at once on the one GPU: `dvae` (fit -> purify -> classify) and, as far as the
   probe says they fit in --budget-s, `none` (poisoned), `clean`, `jpeg10`, `grayscale`. If the paper's 60+60
   D-VAE epochs alone do not fit the budget, the D-VAE gets fewer epochs, said in its cell (`dvae_epochs`).
@@ -136,39 +139,95 @@ def load(work: Path) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------- probe
-def probe(args: argparse.Namespace, d: dict[str, np.ndarray], out: Path) -> dict[str, float]:
-    """Throughput of each model alone on the device (warm epoch after a warm-up epoch); smoke-tests the paths."""
-    dev, n = args.device, min(len(d["poisoned"]), 256 if args.smoke else 5120)
+# The D-VAE fit's variants the probe times side by side (the jobs' precision); the jobs fit with the fastest.
+# `host`: the batches gathered on the host and copied per step, foreach Adam (the loop before resident data and
+# fused Adam); the others: the training set resident on the device, fused Adam, and this layout / compile mode.
+FIT_VARIANTS: dict[str, dict[str, Any]] = {
+    "host_nchw": {"channels_last": False, "compile": False, "host": True},
+    "nchw": {"channels_last": False, "compile": False},
+    "nhwc": {"channels_last": True, "compile": False},
+    "nhwc_compiled": {"channels_last": True, "compile": True},
+    "nhwc_cudagraphs": {"channels_last": True, "compile": "reduce-overhead"},
+}
+EAGER_FALLBACK = "nchw"
+# A full ResNet-18 run trains faster than the probe's 5,120-image epochs: 11,950 img/s over 60 epochs against the
+# probe's 7,373 on the same H200 (raw/run1.jsonl, 1.62x); the plan divides by a little less.
+CLF_PROBE_SPEEDUP = 1.5
+
+
+def fit_variant(m: DVAE, x: np.ndarray, y: np.ndarray, cfg: DVAEConfig, dev: str, amp: Any, v: dict[str, Any],
+                epochs: int) -> list[dict[str, float]]:  # fmt: skip
+    """One stage-1 fit of `epochs` epochs on (x, y) with variant `v`'s options; its epoch history."""
+    kw: dict[str, Any] = {"channels_last": v["channels_last"], "compile": v["compile"]}
+    if v.get("host"):
+        from purify_pipeline.dvae.train import array_batches, make_optimizer
+
+        opt, sched = make_optimizer(m, cfg, epochs, fused=False)
+        return fit_stage(m, lambda e: array_batches(x, y, cfg.batch_size, seed=0, epoch=e), tau=cfg.tau1,
+                         epochs=epochs, cfg=cfg, device=dev, progress=False, autocast_dtype=amp, optimizer=opt,
+                         scheduler=sched, steps=len(x) // cfg.batch_size, **kw)  # fmt: skip
+    return fit_stage(m, x, y, tau=cfg.tau1, epochs=epochs, cfg=cfg, device=dev, progress=False, autocast_dtype=amp,
+                     **kw)  # fmt: skip
+
+
+def probe(args: argparse.Namespace, d: dict[str, np.ndarray], out: Path) -> dict[str, Any]:
+    """Throughput of each model alone on the device (warm epoch after a warm-up epoch); smoke-tests the paths.
+
+    D-VAE fit: every FIT_VARIANTS entry in the jobs' precision (compiled ones only on a GPU or with --compile; a
+    variant that fails is recorded as such), plus the host path in the other precision; purification with numpy in
+    and out in both layouts and precisions, and on device-resident batches; ResNet-18 training."""
+    dev, n = args.device, min(len(d["poisoned"]), 256 if args.smoke else 10240)
     x, y = d["poisoned"][:n], d["labels"][:n]
     cfg = dvae_config(PAPER_EPOCHS, args.smoke)
-    res: dict[str, float] = {}
+    res: dict[str, Any] = {"probe_images": n}
     fast = "bf16" if use_bf16(dev) else "fp32"  # the precision the jobs train in
-    for name, amp in (("dvae_train_bf16_img_s", torch.bfloat16), ("dvae_train_fp32_img_s", None)):
-        if amp is not None and fast == "fp32":
+    amp = torch.bfloat16 if fast == "bf16" else None
+    m = None
+    for name, v in FIT_VARIANTS.items():
+        if v["compile"] and not (args.compile or dev.startswith("cuda")):
             continue
         torch.manual_seed(0)
-        m = DVAE(cfg)
-        h = fit_stage(m, x, y, tau=cfg.tau1, epochs=2, cfg=cfg, device=dev, progress=False, autocast_dtype=amp)
-        res[name] = h[-1]["samples_per_s"]
-    if args.compile:  # the jobs' precision with torch.compile: the second epoch runs the compiled kernels warm
+        try:
+            t0 = time.perf_counter()
+            h = fit_variant(DVAE(cfg), x, y, cfg, dev, amp, v, epochs=3 if v["compile"] else 2)
+        except Exception as e:  # noqa: BLE001  (a variant that cannot run here is a finding, not a crash)
+            res[f"dvae_train_{fast}_{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            continue
+        res[f"dvae_train_{fast}_{name}_img_s"] = h[-1]["samples_per_s"]
+        res[f"dvae_train_{fast}_{name}_first_epoch_s"] = h[0]["seconds"]  # compile / graph capture included
+        res[f"dvae_train_{fast}_{name}_wall_s"] = time.perf_counter() - t0
+    if fast == "bf16":  # the host path in fp32 too, as the earlier probes had it
         torch.manual_seed(0)
-        h = fit_stage(DVAE(cfg), x, y, tau=cfg.tau1, epochs=2, cfg=cfg, device=dev, progress=False, compile=True,
-                      autocast_dtype=torch.bfloat16 if fast == "bf16" else None)  # fmt: skip
-        res[f"dvae_train_{fast}_compiled_img_s"] = h[-1]["samples_per_s"]
+        h = fit_variant(DVAE(cfg), x, y, cfg, dev, None, FIT_VARIANTS["host_nchw"], epochs=2)
+        res["dvae_train_fp32_host_nchw_img_s"] = h[-1]["samples_per_s"]
+    rates = {k: res[f"dvae_train_{fast}_{k}_img_s"] for k in FIT_VARIANTS if f"dvae_train_{fast}_{k}_img_s" in res}
+    res["fit_variant"] = max((k for k in rates if k != "host_nchw"), key=rates.__getitem__, default="host_nchw")
+    res["dvae_train_img_s"] = rates[res["fit_variant"]]
+    torch.manual_seed(0)
+    m = DVAE(cfg)
+    fit_variant(m, x[: 4 * cfg.batch_size], y[: 4 * cfg.batch_size], cfg, dev, amp, FIT_VARIANTS["nchw"], epochs=1)
     pur = Purifier(m, DVAE(cfg), device=dev)
-    for bs in (256, 1024):
-        pur.purify(x[:bs], y[:bs], batch_size=bs)  # warm-up
-        t0 = time.perf_counter()
-        reps = max(1, n // bs)
-        for _ in range(reps):
-            pur.purify(x[:bs], y[:bs], batch_size=bs)
-        res[f"purify_numpy_b{bs}_img_s"] = reps * bs / (time.perf_counter() - t0)
+    reps = max(1, n // 1024)
+    for layout in ("nchw", "nhwc"):
+        pur.to(dev, channels_last=layout == "nhwc")
+        for prec in ("fp32", "bf16") if fast == "bf16" else ("fp32",):
+            for bs in (256, 1024) if layout == "nchw" and prec == "fp32" else (1024,):
+                pur.purify(x[:bs], y[:bs], batch_size=bs, bf16=prec == "bf16")  # warm-up
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    pur.purify(x[:1024], y[:1024], batch_size=bs, bf16=prec == "bf16")
+                rate = reps * 1024 / (time.perf_counter() - t0)
+                res[f"purify_numpy_b{bs}_{prec}_{layout}_img_s"] = rate
+    res["purify_numpy_b1024_img_s"] = res["purify_numpy_b1024_fp32_nchw_img_s"]  # the earlier probes' figure
+    res["purify_numpy_b256_img_s"] = res["purify_numpy_b256_fp32_nchw_img_s"]
+    res["purify_layout"] = max(("nchw", "nhwc"), key=lambda k: res[f"purify_numpy_b1024_fp32_{k}_img_s"])
+    pur.to(dev, channels_last=False)
     xt = torch.from_numpy(x[:1024]).permute(0, 3, 1, 2).float().div(255).to(dev)
     yt = torch.from_numpy(y[:1024]).long().to(dev)
-    for label, amp in (("fp32", False), ("bf16", True)):
-        if amp and fast == "fp32":
+    for label, amp_on in (("fp32", False), ("bf16", True)):
+        if amp_on and fast == "fp32":
             continue
-        with torch.no_grad(), torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=amp):
+        with torch.no_grad(), torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=amp_on):
             pur.purify_torch(xt, yt, generator=torch.Generator(device=dev).manual_seed(0))
             if dev.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -178,32 +237,37 @@ def probe(args: argparse.Namespace, d: dict[str, np.ndarray], out: Path) -> dict
             if dev.startswith("cuda"):
                 torch.cuda.synchronize()
         res[f"purify_torch_b1024_{label}_img_s"] = 10 * len(xt) / (time.perf_counter() - t0)
+    nc = min(n, 5120)
     ccfg = ClassifierConfig.preset("paper", epochs=2, width=8 if args.smoke else 64)
-    r = train_classifier(x, y, d["test"][:1000], d["test_labels"][:1000], ccfg, device=dev, bf16=fast == "bf16",
-                         progress=False)
-    res[f"resnet18_train_{fast}_img_s"] = n / r["history"][-1]["epoch_seconds"]
+    r = train_classifier(x[:nc], y[:nc], d["test"][:1000], d["test_labels"][:1000], ccfg, device=dev,
+                         bf16=fast == "bf16", progress=False)  # fmt: skip
+    res[f"resnet18_train_{fast}_img_s"] = nc / r["history"][-1]["epoch_seconds"]
     res["jobs_precision"] = fast
     emit(out, {"kind": "probe", **res})
     return res
 
 
-def plan(args: argparse.Namespace, pr: dict[str, float], n: int) -> tuple[int, list[str]]:
-    """D-VAE epochs and jobs that fit --budget-s, counting GPU work as serial (processes time-slice one GPU).
+def plan(args: argparse.Namespace, pr: dict[str, Any], n: int, budget_s: float) -> tuple[int, list[str]]:
+    """D-VAE epochs and jobs that fit `budget_s` (what is left of --budget-s after loading, poisoning and the
+    probe), counting GPU work as serial (processes time-slice one GPU).
 
     Priority: the D-VAE cell at the paper's 60+60 epochs, then `none`, `clean`, `jpeg10`, `grayscale`; the D-VAE
-    gets fewer epochs only if it alone (fit + its classifier) would not fit.
+    gets fewer epochs only if it alone (fit + its classifier) would not fit. The fit runs in the probe's fastest
+    variant (plus one compile per stage when that variant is compiled).
     """
     fast = pr.get("jobs_precision", "bf16")
-    clf_s = args.clf_epochs * n / pr[f"resnet18_train_{fast}_img_s"]
-    epoch_s = 2 * n / pr[f"dvae_train_{fast}{'_compiled' if args.compile else ''}_img_s"]  # one epoch of each stage
-    spare = args.budget_s - clf_s
+    clf_s = args.clf_epochs * n / (CLF_PROBE_SPEEDUP * pr[f"resnet18_train_{fast}_img_s"])
+    epoch_s = 2 * n / pr["dvae_train_img_s"]  # one epoch of each stage
+    setup_s = 2 * pr.get(f"dvae_train_{fast}_{pr['fit_variant']}_first_epoch_s", 0.0)  # compile, once per stage
+    spare = budget_s - clf_s - setup_s
     epochs = PAPER_EPOCHS if spare >= PAPER_EPOCHS * epoch_s else max(5, int(spare // epoch_s))
     jobs = ["dvae"]
     for extra in ("none", "clean", "jpeg10", "grayscale"):
-        if epochs * epoch_s + (len(jobs) + 1) * clf_s <= args.budget_s:
+        if setup_s + epochs * epoch_s + (len(jobs) + 1) * clf_s <= budget_s:
             jobs.append(extra)
-    emit(out_dir(args), {"kind": "plan", "clf_s_est": clf_s, "dvae_fit_s_est": epochs * epoch_s,
-                         "dvae_epochs": epochs, "jobs": jobs, "budget_s": args.budget_s})
+    emit(out_dir(args), {"kind": "plan", "clf_s_est": clf_s, "dvae_fit_s_est": setup_s + epochs * epoch_s,
+                         "dvae_epochs": epochs, "fit_variant": pr["fit_variant"], "jobs": jobs,
+                         "budget_s": budget_s})  # fmt: skip
     return epochs, jobs
 
 
@@ -260,10 +324,19 @@ def job(args: argparse.Namespace) -> None:
         classify(args, d, apply_defense(kind, d["poisoned"], **kw), name, out)
     elif name == "dvae":
         cfg = dvae_config(args.dvae_epochs, args.smoke, seed=args.seed)  # seed 1: a second fit, a second classifier
+        variant = args.fit_variant or EAGER_FALLBACK
         t0 = time.perf_counter()
-        pur = fit_two_stage(d["poisoned"], d["labels"], cfg, device=args.device, progress=False,
-                            bf16=use_bf16(args.device), compile=args.compile)
+        try:
+            v = FIT_VARIANTS[variant]
+            pur = fit_two_stage(d["poisoned"], d["labels"], cfg, device=args.device, progress=False,
+                                bf16=use_bf16(args.device), compile=v["compile"], channels_last=v["channels_last"])
+        except Exception as e:  # noqa: BLE001  (keep the cell: refit eagerly, and say so)
+            emit(out, {"kind": "error", "job": "dvae", "fit_variant": variant, "error": f"{type(e).__name__}: {e}"[:500]})
+            variant, t0 = EAGER_FALLBACK, time.perf_counter()
+            pur = fit_two_stage(d["poisoned"], d["labels"], cfg, device=args.device, progress=False,
+                                bf16=use_bf16(args.device), channels_last=False)
         fit_s = time.perf_counter() - t0
+        pur.to(args.device, channels_last=args.purify_layout == "nhwc")  # the probe's faster layout (same maths)
         hist = {k: [{m: round(float(e[m]), 5) for m in ("loss", "kl", "seconds") if m in e} for e in v]
                 for k, v in pur.metrics.items()}  # fmt: skip
         pur.save(out / "checkpoint")  # safetensors + config.json (1.2 M parameters per stage at the paper width)
@@ -272,6 +345,7 @@ def job(args: argparse.Namespace) -> None:
         purify_s = time.perf_counter() - t0
         n = len(x)
         emit(out, {"kind": "dvae_fit", "preset": cfg.preset_name, "epochs": cfg.epochs, "fit_s": fit_s,
+                   "fit_variant": variant, "purify_layout": args.purify_layout,
                    "fit_img_s": n * (cfg.epochs + cfg.stage2_epochs) / fit_s, "purify_s": purify_s,
                    "purify_img_s": n / purify_s, "history": hist})  # fmt: skip
         k = 8
@@ -279,7 +353,8 @@ def job(args: argparse.Namespace) -> None:
                  stage1=pur.purify(d["poisoned"][:k], d["labels"][:k], stages=1))
         classify(args, d, x, "dvae", out, extra={"dvae_preset": cfg.preset_name, "dvae_epochs": cfg.epochs, "dvae_seed": cfg.seed,
                                                  "dvae_fit_s": fit_s, "dvae_bf16": use_bf16(args.device),
-                                                 "dvae_compile": args.compile})
+                                                 "dvae_compile": FIT_VARIANTS[variant]["compile"],
+                                                 "dvae_fit_variant": variant})
     else:
         raise SystemExit(f"unknown job {name!r}")
 
@@ -353,11 +428,17 @@ def report(runs: list[Path], samples: Path | None, out: Path) -> None:
                 ep, got = short[0]
                 note = f" (`dvae-ep{ep}`: D-VAE {ep}+{ep} epochs, not 60+60)"
         md.append(f"| {' / '.join(key)} | {v} | {'—' if got is None else f'{got:.1f}'}{note} |")
-    md += ["", "## Throughput on the GPU (alone on it; img/s)", "", "| run | " + " | ".join(
-        k.removesuffix("_img_s") for k in probes[0] if k.endswith("_img_s")) + " |",
-           "|---|" + "---|" * sum(k.endswith("_img_s") for k in probes[0])]  # fmt: skip
+    keys = list(dict.fromkeys(k for p in probes for k in p if k.endswith("_img_s")))
+    md += ["", "## Throughput on the GPU (alone on it; img/s; one column per probe)", "",
+           "| figure | " + " | ".join(f"run {p['run']}" for p in probes) + " |", "|---|" + "---|" * len(probes)]
+    for k in keys:
+        md.append(f"| {k.removesuffix('_img_s')} | " + " | ".join(f"{p[k]:,.0f}" if k in p else "—" for p in probes)
+                  + " |")  # fmt: skip
     for p in probes:
-        md.append(f"| {p['run']} | " + " | ".join(f"{v:,.0f}" for k, v in p.items() if k.endswith("_img_s")) + " |")
+        chosen = [f"{k} {p[k]}" for k in ("fit_variant", "purify_layout") if k in p]
+        errors = [f"{k.removesuffix('_error')}: {v}" for k, v in p.items() if k.endswith("_error")]
+        if chosen or errors:
+            md.append(f"\nrun {p['run']}: chose {', '.join(chosen) or '—'}" + (f"; failed: {'; '.join(errors)}" if errors else ""))
     md += ["", "Plans (the probe's estimates -> D-VAE epochs and jobs within --budget-s; --jobs / --dvae-epochs "
            "override them) and what ran:", ""]
     for r in runs_meta:
@@ -410,7 +491,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--jobs", nargs="+", default=None, help="default: chosen by the probe to fit --budget-s")
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--smoke", action="store_true", help="1k images, tiny widths, 1 epoch: every code path")
-    ap.add_argument("--compile", action="store_true", help="fit the D-VAE with torch.compile (the probe times both)")
+    ap.add_argument("--compile", action="store_true",
+                    help="probe the compiled fit variants on a CPU too (always on a GPU); the jobs fit with the fastest")
+    ap.add_argument("--fit-variant", default=None, choices=sorted(FIT_VARIANTS),
+                    help="fit the D-VAE this way (default: the probe's fastest)")
+    ap.add_argument("--purify-layout", default=None, choices=["nchw", "nhwc"], help=argparse.SUPPRESS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.report:
@@ -430,7 +515,9 @@ def main(argv: list[str] | None = None) -> None:
     prepare(args, Path(args.work), out)
     d = load(Path(args.work))
     pr = probe(args, d, out)
-    epochs, jobs = plan(args, pr, len(d["clean"]))
+    args.fit_variant = args.fit_variant or pr["fit_variant"]
+    args.purify_layout = pr["purify_layout"]
+    epochs, jobs = plan(args, pr, len(d["clean"]), args.budget_s - (time.perf_counter() - t_start))
     args.dvae_epochs = args.dvae_epochs or epochs
     jobs = args.jobs or jobs
     del d
@@ -441,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
                    "--poison", args.poison, "--device", args.device, "--seed", str(args.seed),
                    "--clf-epochs", str(args.clf_epochs), "--dvae-epochs", str(args.dvae_epochs)]  # fmt: skip
             cmd += ["--smoke"] if args.smoke else []
-            cmd += ["--compile"] if args.compile else []
+            cmd += ["--fit-variant", args.fit_variant, "--purify-layout", args.purify_layout]
             procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
         codes = {name: p.wait() for name, p in procs}
     emit(out, {"kind": "done", "exit_codes": codes, "total_s": time.perf_counter() - t_start})

@@ -117,7 +117,7 @@ class _ShuffledIterator:
 
 
 def test_every_path_sees_one_seeded_permutation_of_all_samples_per_epoch(rng):
-    from purify_pipeline.dvae.train import array_batches
+    from purify_pipeline.dvae.train import array_batches, resident
     from purify_pipeline.dvae.two_stage import rank_batches
     from purify_pipeline.stages.fit import load_training_arrays
 
@@ -130,9 +130,12 @@ def test_every_path_sees_one_seeded_permutation_of_all_samples_per_epoch(rng):
     np.testing.assert_array_equal(got_x, x)  # back in key order: the shuffle below no longer depends on Ray
     np.testing.assert_array_equal(got_y, y)
 
+    xt, yt = resident(x, y, "cpu")  # what an accelerator's fit indexes on the device
     for epoch in (0, 3):
         ref = list(array_batches(x, y, 8, seed=5, epoch=epoch))  # what the in-process fit_stage(images, labels) uses
         one = list(rank_batches(x, y, 8, seed=5, epoch=epoch))
+        res = list(rank_batches(xt, yt, 8, seed=5, epoch=epoch))
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ref, res, strict=True))
         two = [list(rank_batches(x, y, 8, seed=5, epoch=epoch, rank=r, world=2)) for r in (0, 1)]
         assert len(ref) == len(one) == len(two[0]) == len(two[1]) == n // 8
         for b, (rx, ry) in enumerate(ref):

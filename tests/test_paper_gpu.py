@@ -95,10 +95,15 @@ def test_campaign_runs_the_first_missing_step_and_the_next_call_continues(cifar1
     recs = [json.loads(x) for x in (tmp_path / "out" / "ar-s0" / "results.jsonl").read_text().splitlines()]
     assert {(r["poison"], r["defense"], r["seed"]) for r in recs if r["kind"] == "cell"} == {("ar", "dvae", 0),
                                                                                                ("ar", "none", 0)}
-    # --compile reaches the step: the probe times the compiled fit, and the D-VAE cell says it was compiled
+    # --compile reaches the step: the probe times the compiled fit variants too, and the D-VAE cell was fitted in the
+    # probe's fastest variant, which it names
     probe = next(r for r in recs if r["kind"] == "probe")
-    assert probe[f"dvae_train_{probe['jobs_precision']}_compiled_img_s"] > 0
-    assert next(r for r in recs if r["kind"] == "cell" and r["defense"] == "dvae")["dvae_compile"] is True
+    prec = probe["jobs_precision"]
+    assert all(probe[f"dvae_train_{prec}_{v}_img_s"] > 0 for v in ("nhwc_compiled", "nhwc_cudagraphs", "host_nchw"))
+    cell = next(r for r in recs if r["kind"] == "cell" and r["defense"] == "dvae")
+    assert cell["dvae_fit_variant"] == probe["fit_variant"] != "host_nchw"
+    assert probe["dvae_train_img_s"] == max(v for k, v in probe.items() if k.startswith(f"dvae_train_{prec}_")
+                                            and k.endswith("_img_s") and "host" not in k)  # fmt: skip
     plan = subprocess.run([sys.executable, str(script), *common, "--plan"], capture_output=True, text=True, timeout=60)
     assert plan.returncode == 0, plan.stderr
     nxt = json.loads(plan.stdout.splitlines()[0])["next"]

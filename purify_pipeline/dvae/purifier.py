@@ -99,10 +99,11 @@ class Purifier:
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
-    def to(self, device: str | torch.device) -> "Purifier":
-        """Move both stages to `device`; on a CPU they run in channels-last layout (`train.use_channels_last`)."""
+    def to(self, device: str | torch.device, *, channels_last: bool | None = None) -> "Purifier":
+        """Move both stages to `device`; channels-last (NHWC) layout as asked, else on a CPU only
+        (`train.use_channels_last`)."""
         self.device = torch.device(device)
-        self._format = torch.channels_last if use_channels_last(self.device) else torch.contiguous_format
+        self._format = torch.channels_last if use_channels_last(self.device, channels_last) else torch.contiguous_format
         for m in (self.stage1, self.stage2):
             m.to(self.device, memory_format=self._format)
         return self
@@ -175,7 +176,7 @@ class Purifier:
         shape = self.stage1.latent_shape
         for i in _progress(range(0, len(images), batch_size), enabled=progress, desc="purify", unit="batch"):
             sl = slice(i, i + batch_size)
-            x = to_float_nchw(images[sl]).to(self.device)
+            x = to_float_nchw(torch.from_numpy(images[sl]).to(self.device))  # uint8 travels, floats are made there
             y = torch.from_numpy(labels[sl]).to(self.device)
             eps = sample_noise(seed, sample_ids[sl], shape, device=self.device) if mode == "sample" else None
             xp = self.purify_torch(x, y, mode=mode, eps=eps, stages=stages, bf16=bf16)

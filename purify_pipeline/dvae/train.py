@@ -67,15 +67,32 @@ def use_channels_last(device: str | torch.device, channels_last: bool | None = N
 
 
 def array_batches(
-    images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int, epoch: int, drop_last: bool = True
+    images: np.ndarray | Tensor, labels: np.ndarray | Tensor, batch_size: int, *, seed: int, epoch: int,
+    drop_last: bool = True,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Seeded per-epoch shuffle of in-memory arrays into (uint8 NHWC, int64) batches."""
+    """Seeded per-epoch shuffle of in-memory arrays into (uint8 NHWC, int64) batches.
+
+    Tensors (`resident`: the data already on the training device) are indexed where they are, with the same
+    permutation: the same batches, with no per-step host work or host-to-device copy."""
     n = len(images)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
+    if isinstance(images, Tensor):
+        order_t = torch.from_numpy(order).to(images.device)  # one copy per epoch
+        for i in range(0, stop, batch_size):
+            idx = order_t[i : i + batch_size].sort().values
+            yield images.index_select(0, idx), labels.index_select(0, idx)
+        return
     for i in range(0, stop, batch_size):
         idx = np.sort(order[i : i + batch_size])
         yield torch.from_numpy(images[idx]), torch.from_numpy(labels[idx].astype(np.int64))
+
+
+def resident(images: np.ndarray, labels: np.ndarray, device: str | torch.device) -> tuple[Tensor, Tensor]:
+    """uint8 images and int64 labels as tensors on `device` (for `array_batches`): on an accelerator the whole
+    training set is copied once (50,000 CIFAR images are 150 MB) instead of one batch per step."""
+    return (torch.from_numpy(np.ascontiguousarray(images)).to(device),
+            torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device))  # fmt: skip
 
 
 def _mean_over_ranks(value: float, device: torch.device) -> float:
@@ -87,9 +104,10 @@ def _mean_over_ranks(value: float, device: torch.device) -> float:
     return float(value)
 
 
-def make_optimizer(model: nn.Module, cfg: DVAEConfig, epochs: int) -> tuple[torch.optim.Optimizer, Any]:
-    """Adam + per-epoch cosine annealing over the stage's epochs, as the authors train."""
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+def make_optimizer(model: nn.Module, cfg: DVAEConfig, epochs: int, *, fused: bool = False) -> tuple[torch.optim.Optimizer, Any]:
+    """Adam + per-epoch cosine annealing over the stage's epochs, as the authors train. fused: one kernel per
+    step for all parameters (CUDA parameters only; the same update up to float rounding)."""
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=fused or None)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     return opt, sched
 
@@ -184,7 +202,7 @@ def fit_stage(
     channels_last: bool | None = None,
     batch_size: int | None = None,
     steps: int | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> list[dict[str, float]]:
     """Train `model` (a DVAE, possibly DDP-wrapped) for epochs [start_epoch, epochs); return per-epoch metrics.
 
@@ -193,13 +211,17 @@ def fit_stage(
     (cfg.tau_auto_ratio > 0) pass the last epoch's `tau_next` as `tau` when resuming after the warm-up.
     channels_last: NHWC activations and weights (None = on a CPU, where oneDNN's convolutions run 1.1-1.2x
     faster so, benchmarks/results/fit/; a DDP-wrapped model must be converted before wrapping, `to_channels_last`).
-    compile: the encoder and both decoders run through `torch.compile` during this call (`compiled`): the same loss
-    curve up to float rounding. Meant for GPUs; on a 2-core AVX-512 CPU it measured 0.91-1.03x of the eager loop in
-    fp32 and bf16, i.e. no gain (benchmarks/results/speed/).
+    compile: the encoder and both decoders run through `torch.compile` during this call (`compiled`; a string is
+    its mode, e.g. "reduce-overhead" for CUDA graphs): the same loss curve up to float rounding. Meant for GPUs;
+    on a 2-core AVX-512 CPU it measured 0.91-1.03x of the eager loop, i.e. no gain (benchmarks/results/speed/).
+    On an accelerator, in-memory arrays are copied to it once (`resident`) and Adam is fused.
     """
     cfg = cfg or getattr(model, "module", model).cfg
+    device = torch.device(device)
     if labels is not None:
         images, labels_arr = np.asarray(data), np.asarray(labels)
+        if device.type != "cpu":
+            images, labels_arr = resident(images, labels_arr, device)
         bs = batch_size or cfg.batch_size
         batches: Batches = lambda e: array_batches(images, labels_arr, bs, seed=seed, epoch=e)
         steps = max(1, len(images) // bs)
@@ -208,10 +230,9 @@ def fit_stage(
     else:
         raise TypeError("fit_stage needs (images, labels) arrays or a callable epoch -> iterable of batches")
     if optimizer is None:
-        optimizer, scheduler = make_optimizer(model, cfg, epochs)
+        optimizer, scheduler = make_optimizer(model, cfg, epochs, fused=device.type == "cuda")
         for _ in range(start_epoch):
             scheduler.step()
-    device = torch.device(device)
     warn_if_emulated_bf16(device, autocast_dtype == torch.bfloat16)
     model.to(device)
     fmt = torch.channels_last if use_channels_last(device, channels_last) else torch.contiguous_format
@@ -227,6 +248,8 @@ def fit_stage(
             n_seen, step, hinge_steps, t0 = 0, 0, 0, time.perf_counter()
             bar = _progress(batches(epoch), enabled=progress, total=steps, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False)
             for xb, yb in bar:
+                if compile:
+                    torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA graphs ("reduce-overhead")
                 x = to_float_nchw(xb).to(device, non_blocking=True).contiguous(memory_format=fmt)
                 y = torch.as_tensor(yb).to(device, non_blocking=True).long()
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
@@ -244,7 +267,7 @@ def fit_stage(
                     sums[k] = sums.get(k, 0.0) + v * len(x)
                 hinge_steps = hinge_steps + (terms["kl"] > tau)  # the rate hinge's gradient is on in this step (no sync)
                 n_seen, step = n_seen + len(x), step + 1
-                if step % 10 == 1:
+                if progress and step % 10 == 1:  # .item() waits for the device: only for a visible bar
                     bar.set_postfix(loss=f"{terms['loss'].item():.4f}", kl=f"{terms['kl'].item():.2f}")
             bar.close()
             steps = steps or step  # streamed batches (drop_last): every epoch has the first one's count of steps
@@ -268,13 +291,13 @@ COMPILED_PARTS = ("encoder", "decoder", "perturbation_decoder")  # the convoluti
 
 
 @contextlib.contextmanager
-def compiled(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+def compiled(model: nn.Module, enabled: bool | str = True) -> Iterator[None]:
     """Within the block, `model`'s encoder and decoders run through `torch.compile` with static shapes (a fit's
-    batches all have one size). Afterwards they are eager again: purification and checkpoints never see compiled
-    code, and the state dict's keys do not change."""
+    batches all have one size; a string `enabled` is the compile mode). Afterwards they are eager again:
+    purification and checkpoints never see compiled code, and the state dict's keys do not change."""
     parts = [getattr(model, n) for n in COMPILED_PARTS] if enabled else []
     for m in parts:
-        m.compile(dynamic=False)
+        m.compile(dynamic=False, mode=enabled if isinstance(enabled, str) else None)
     try:
         yield
     finally:

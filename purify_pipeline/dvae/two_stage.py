@@ -24,6 +24,7 @@ from purify_pipeline.dvae.train import (
     fit_stage,
     make_optimizer,
     recover_train_state,
+    resident,
     replace_dir,
     resume_stage,
     save_train_state,
@@ -73,23 +74,26 @@ class _LocalSession:
 
 
 def fit_one_stage(images: np.ndarray, labels: np.ndarray, cfg: DVAEConfig, stage: int, sess: Any, *,
-                  progress: bool = True, bf16: bool = False, compile: bool = False, metrics_path: str | None = None,
-                  crash_after_epoch: int | None = None) -> tuple[DVAE, list[dict]]:  # fmt: skip
+                  progress: bool = True, bf16: bool = False, compile: bool | str = False, channels_last: bool | None = None,
+                  metrics_path: str | None = None, crash_after_epoch: int | None = None) -> tuple[DVAE, list[dict]]:  # fmt: skip
     """The one stage loop of every fit, whatever runs it: seeded initial weights (the same on every rank), resume
     from the session's last checkpoint, one seeded permutation of all samples per epoch (rank r trains on rows
     r, r + world, ... of each global batch, so one worker sees exactly the in-process batches), `fit_stage`, a
-    checkpoint every epoch. Returns the (unwrapped) model and its epoch history."""
+    checkpoint every epoch. On an accelerator the images are copied to it once and Adam is fused (`fit_stage`).
+    Returns the (unwrapped) model and its epoch history."""
     epochs, tau = cfg.epochs_for(stage), cfg.tau(stage)
     torch.manual_seed(cfg.seed + 1000 * stage)
     model = DVAE(cfg).to(sess.device)  # before the optimizer, so restored Adam moments land on the model's device
-    if use_channels_last(sess.device):
+    if use_channels_last(sess.device, channels_last):
         model.to(memory_format=torch.channels_last)  # before DDP wraps it (fit_stage leaves a wrapped model as it is)
-    opt, sched = make_optimizer(model, cfg, epochs)
+    opt, sched = make_optimizer(model, cfg, epochs, fused=sess.device.type == "cuda")
     restore = sess.restore_dir()
     start, history, tau = resume_stage(restore, model, opt, sched, tau)
     model = sess.prepare(model)
     per_worker = max(1, cfg.batch_size_for(stage) // sess.world)  # the global batch stays the stage's batch size
     shuffle_seed = cfg.seed * 1009 + 17 * stage
+    if sess.device.type != "cpu":
+        images, labels = resident(images, labels, sess.device)
 
     def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         return rank_batches(images, labels, per_worker * sess.world, seed=shuffle_seed, epoch=epoch,
@@ -114,13 +118,13 @@ def fit_one_stage(images: np.ndarray, labels: np.ndarray, cfg: DVAEConfig, stage
               start_epoch=start, optimizer=opt, scheduler=sched, on_epoch_end=on_epoch_end,
               progress=progress and sess.rank == 0, desc=f"stage {stage}",
               autocast_dtype=torch.bfloat16 if bf16 else None, steps=len(images) // (per_worker * sess.world),
-              compile=compile)  # fmt: skip
+              compile=compile, channels_last=use_channels_last(sess.device, channels_last))  # fmt: skip
     return getattr(model, "module", model), history
 
 
 def fit_two_stage(images: np.ndarray, labels: np.ndarray, preset: str | DVAEConfig, *, keys: Sequence[str] | None = None,
                   class_names: Sequence[str] | None = None, device: str | torch.device = "cpu", progress: bool = True,
-                  bf16: bool = False, compile: bool = False,
+                  bf16: bool = False, compile: bool | str = False, channels_last: bool | None = None,
                   checkpoint_dir: str | os.PathLike | None = None) -> Purifier:  # fmt: skip
     """Fit both stages on in-memory data, in this process: `fit_purifier`'s loop (`fit_one_stage`) and seeding,
     with stage 2 trained on the stage-1 purification of the images (noise seeded by each sample's key, as
@@ -129,7 +133,8 @@ def fit_two_stage(images: np.ndarray, labels: np.ndarray, preset: str | DVAEConf
 
     preset: a preset name (its classes: `class_names`, else the largest label + 1) or a DVAEConfig, as for
     `fit_purifier`. keys: one per image (default: the zero-padded index). bf16: bfloat16 autocast (a GPU, or a CPU with AMX /
-    AVX512-BF16). compile: `torch.compile` the convolution stacks while training (`fit_stage`). checkpoint_dir:
+    AVX512-BF16). compile: `torch.compile` the convolution stacks while training (`fit_stage`; a string is the mode).
+    channels_last: NHWC layout (None: on a CPU only, `train.use_channels_last`). checkpoint_dir:
     save each stage's state there after every epoch and, when called again with the same config and data, resume
     from the last saved epoch; the result has the bytes of an uninterrupted fit."""
     if isinstance(preset, DVAEConfig):
@@ -145,7 +150,7 @@ def fit_two_stage(images: np.ndarray, labels: np.ndarray, preset: str | DVAEConf
         raise ValueError(f"{len(keys)} keys for {len(images)} images")
     fp = data_fingerprint(images, labels)
     ckpt = None if checkpoint_dir is None else _fit_checkpoint_dir(Path(checkpoint_dir), cfg, fp)
-    kw = dict(progress=progress, bf16=bf16, compile=compile)
+    kw = dict(progress=progress, bf16=bf16, compile=compile, channels_last=channels_last)
     stage1, h1 = fit_one_stage(images, labels, cfg, 1, _LocalSession(ckpt and ckpt / "stage1", device), **kw)
     half = Purifier(stage1, _placeholder(cfg), device=device)
     ids = sample_ids_for_keys(keys if keys is not None else [f"{i:08d}" for i in range(len(images))])
