@@ -51,7 +51,7 @@ from purify_pipeline.cli import CLIError, parse_kv  # noqa: E402
 from purify_pipeline.dvae.model import DVAE  # noqa: E402
 from purify_pipeline.dvae.purifier import Purifier  # noqa: E402
 from purify_pipeline.dvae.train import bf16_pays as use_bf16  # noqa: E402  (emulated bf16 would make a CPU smoke run crawl)
-from purify_pipeline.dvae.train import fit_stage  # noqa: E402
+from purify_pipeline.dvae.train import array_batches, fit_stage, make_optimizer  # noqa: E402
 from purify_pipeline.dvae.two_stage import fit_two_stage  # noqa: E402
 from purify_pipeline.eval.classifiers import ClassifierConfig  # noqa: E402
 from purify_pipeline.eval.defenses import apply_defense  # noqa: E402
@@ -160,8 +160,6 @@ def fit_variant(m: DVAE, x: np.ndarray, y: np.ndarray, cfg: DVAEConfig, dev: str
     """One stage-1 fit of `epochs` epochs on (x, y) with variant `v`'s options; its epoch history."""
     kw: dict[str, Any] = {"channels_last": v["channels_last"], "compile": v["compile"]}
     if v.get("host"):
-        from purify_pipeline.dvae.train import array_batches, make_optimizer
-
         opt, sched = make_optimizer(m, cfg, epochs, fused=False)
         return fit_stage(m, lambda e: array_batches(x, y, cfg.batch_size, seed=0, epoch=e), tau=cfg.tau1,
                          epochs=epochs, cfg=cfg, device=dev, progress=False, autocast_dtype=amp, optimizer=opt,
@@ -182,7 +180,6 @@ def probe(args: argparse.Namespace, d: dict[str, np.ndarray], out: Path) -> dict
     res: dict[str, Any] = {"probe_images": n}
     fast = "bf16" if use_bf16(dev) else "fp32"  # the precision the jobs train in
     amp = torch.bfloat16 if fast == "bf16" else None
-    m = None
     for name, v in FIT_VARIANTS.items():
         if v["compile"] and not (args.compile or dev.startswith("cuda")):
             continue

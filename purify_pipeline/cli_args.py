@@ -116,7 +116,7 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads per actor (default: 1 with the default pool, "
                                                "else this machine's cores / --actors)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU, or a CPU with AMX / AVX512-BF16: "
-                                                       "about 2x faster there; output differs from fp32 by rounding)")
+                                                       "1.4-1.7x faster there; output differs from fp32 by rounding)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in OUTPUT")
     p.add_argument("--audit", action="store_true", help="record the shortcut audit of input and output in "
                    "manifest.json and the summary (about a minute each on 2 cores)")

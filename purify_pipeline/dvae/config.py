@@ -15,16 +15,15 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # Yu et al. ICML 2024: width 64, latent 256x16x16, embedding 128x16x16, Adam 5e-3, cosine, 60 epochs,
     # batch 128, clip 5.0, tau1 = 1.0, tau2 = 3.0, energy hinge after epoch 10.
     "paper": {},
-    # Sized for a 2-core CPU: both stages on 10k CIFAR-10 images plus purification in 27-40 minutes (bf16;
-    # the cpu-mini matrix's step_seconds). Stage 2 runs at batch 32 (4x the optimiser steps of batch 128 in
-    # about the same CPU time): the ablation measured 4-5 dB sharper outputs at about the same poison retention,
-    # and D-VAE ahead of JPEG-10 on LSP, AR, OPS and EM (benchmarks/results/ablation/README.md).
-    # Stage 1 at tau1 = 0.5 (half the paper's KL target for stage 1's latent; why it helps is not settled: its
-    # p-hat_1 explains less of the poison than tau1 = 1's, benchmarks/results/ablation/README.md). End to end
-    # (fit_purifier + purify_shards, 2 classifier seeds, benchmarks/results/cpu-mini/README.md):
-    # LSP/AR/OPS/EM 71.9/72.8/72.0/70.8 (mean 71.9) against tau1 = 1's 71.4/72.2/72.3/69.5 (mean 71.3), at
-    # slightly lower retention and the same PSNR (24.1-24.7 dB); on matched EM/TAP poison bytes
-    # (benchmarks/results/cpu-mini-regen) the two tie: four-poison mean 71.9 against 72.0.
+    # Sized for a 2-core CPU: both stages on 10k CIFAR-10 images plus purification in 23-40 minutes (bf16 on an
+    # AVX-512 CPU to itself; the cpu-mini matrix's step_seconds). Stage 2 runs at batch 32 (4x the optimiser steps
+    # of batch 128 in about the same CPU time): the ablation measured 4-5 dB sharper outputs at about the same
+    # poison retention, and D-VAE ahead of JPEG-10 on LSP, AR, OPS and EM (benchmarks/results/ablation/README.md).
+    # Stage 1 at tau1 = 0.5, half the paper's KL target for stage 1's latent. End to end (fit_purifier +
+    # purify_shards, 2 classifier seeds, benchmarks/results/cpu-mini/README.md) the first fits gave LSP/AR/OPS/EM
+    # 71.9/72.8/72.0/70.8 against tau1 = 1's 71.4/72.2/72.3/69.5 at the same PSNR: a tie within the fit-to-fit
+    # spread (over 2-4 fits per poison the `cpu` cells are 71.7/72.2/71.5/70.9, fits' means up to 2.6 apart), and
+    # on matched EM/TAP poison bytes (benchmarks/results/cpu-mini-regen) too.
     "cpu": {"width": 32, "epochs": 15, "batch_size_stage2": 32, "tau1": 0.5},
     # `cpu` with the paper's tau1 = 1 (stage 2 at batch 32).
     "cpu-v2": {"width": 32, "epochs": 15, "batch_size_stage2": 32},

@@ -38,7 +38,7 @@ def cpu_has_native_bf16() -> bool:
 
 def bf16_pays(device: str | torch.device) -> bool:
     """Whether bf16 autocast is a real speed-up on `device`: a CUDA GPU, or a CPU with native bfloat16 (on such a
-    CPU the `cpu` fit runs 1.8-2.0x faster at the same accuracy, benchmarks/results/speed/)."""
+    CPU the `cpu` fit runs 1.4-1.6x faster than in fp32 at the same accuracy, benchmarks/results/speed/)."""
     device = torch.device(device)
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
 

@@ -54,8 +54,8 @@ class PurifyConfig:
         differently); "array" = uint8 HxWx3 arrays (default column: the input image column).
     model_batch_size: images per forward pass inside a Ray batch on a GPU (on a CPU the model always runs blocks of
         `dvae.purifier.CPU_BLOCK` images, so bytes never depend on batching). threads: torch threads per actor.
-    bf16: bfloat16 autocast for the forward passes (a GPU, or a CPU with AMX / AVX512-BF16; 2x faster on such a
-        CPU, benchmarks/results/purify/), off by default: the output differs from fp32's by rounding.
+    bf16: bfloat16 autocast for the forward passes (a GPU, or a CPU with AMX / AVX512-BF16; `purify_shards` 1.4-1.7x
+        faster than fp32 on such a CPU, benchmarks/results/speed/), off by default: the output differs from fp32's by rounding.
     stages: 2 = full purification; 1 = the stage-1 output x - p1 only (what the fit job trains stage 2 on).
     """
 
