@@ -15,6 +15,19 @@ def _cpu_model() -> str:
         return platform.processor()
 
 
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")  # what decides bf16 / oneDNN speed here
+
+
+def _cpu_flags() -> list[str]:
+    """The speed-relevant ISA flags of this CPU (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        return []
+    return [x for x in _FLAGS if x in flags]
+
+
 def machine_facts(device: str = "cpu") -> dict[str, Any]:
     import torch
 
@@ -35,6 +48,7 @@ def machine_facts(device: str = "cpu") -> dict[str, Any]:
         "device": device,
         "cpu_model": _cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # e.g. AVX2, AVX512: bf16 speed depends on it
+        "cpu_flags": _cpu_flags(),  # AVX512-BF16 / AMX: native bfloat16 (no AMX: bf16 gains less)
         "loadavg_at_start": os.getloadavg(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }

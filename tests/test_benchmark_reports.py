@@ -255,3 +255,27 @@ def test_audit_report_restores_committed_rows_without_replacing_measured_ones(tm
     assert json.loads((rows / "em+none.json").read_text()) == {"set": "em+none", "score": 0.97, "restored_from": "audit.json"}
     assert json.loads((rows / "lsp+dvae-fit0.json").read_text())["score"] == 0.35
     assert audit.restore_rows(rows, committed) == 0 and audit.restore_rows(rows, tmp_path / "missing.json") == 0
+
+
+def test_machine_facts_name_the_cpu_features_that_decide_bf16_speed() -> None:
+    facts = _bench_module("_machine").machine_facts()
+    assert set(facts["cpu_flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
+    from purify_pipeline.dvae.train import cpu_has_native_bf16
+
+    if Path("/proc/cpuinfo").exists():  # the flags recorded agree with what oneDNN reports
+        if {"avx512_bf16", "amx_bf16"} & set(facts["cpu_flags"]):
+            assert cpu_has_native_bf16()
+        if "avx512f" not in facts["cpu_flags"]:
+            assert not cpu_has_native_bf16()
+
+
+def test_matrix_times_fit_and_purification_apart_and_a_resumed_fit_by_its_epochs() -> None:
+    matrix = _bench_module("matrix")
+    metrics = {"stage1": [{"seconds": 100.0}, {"seconds": 50.0}], "stage2": [{"seconds": 25.0}]}
+    fresh = matrix.dvae_seconds(True, 400.0, 60.0, metrics)
+    assert (fresh["fit_s"], fresh["purify_s"], fresh["fit_and_purify_s"]) == (400.0, 60.0, 460.0)
+    assert fresh["fit_epochs"] == {"stage1": 2, "stage2": 1}
+    # the fit was finished by an earlier run: this run's 0.1 s of "fitting" is not its time
+    resumed = matrix.dvae_seconds(False, 0.1, 60.0, metrics)
+    assert (resumed["fit_s"], resumed["fit_and_purify_s"]) == (175.0, 235.0)
+    assert resumed["fit_timed_by"] != fresh["fit_timed_by"]
