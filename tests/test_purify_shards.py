@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -239,3 +240,21 @@ def test_output_of_another_checkpoint_is_not_mixed(ray_session, tmp_path, checkp
     with pytest.raises(ValueError, match="another checkpoint"):
         purify_shards(inputs, str(tmp_path / "out"), other, **JOB)
     assert purify_shards(inputs, str(tmp_path / "out"), other, overwrite=True, **JOB).shards_written == 1
+
+
+def test_an_output_the_audit_still_finds_poisoned_is_announced(ray_session, tmp_path, checkpoint, small_shards,
+                                                                monkeypatch):
+    from purify_pipeline.stages import purify_shards as ps
+
+    scores = iter([0.84, 0.72])  # input, then output: a poison that passed through the purifier (CUDA-like)
+    monkeypatch.setattr(ps, "_audit_record", lambda urls, seed, so: {"score": (s := next(scores)),
+                        "verdict": "poisoned" if s > 0.53 else "clean-like", "n_images": 120})  # fmt: skip
+    inputs = _write_inputs(tmp_path / "in", small_shards[:2])
+    with pytest.warns(ps.StillPoisonedWarning, match=r"out: the purified output still scores as poisoned .*0\.840 -> 0\.720"):
+        summary = purify_shards(inputs, str(tmp_path / "out"), checkpoint, audit=True, **JOB)
+    assert summary.audit["output"]["verdict"] == "poisoned" and summary.samples_out == 120
+    # a purified output the audit finds clean-like says nothing more than its summary
+    scores = iter([0.84, 0.36])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ps.StillPoisonedWarning)
+        purify_shards(inputs, str(tmp_path / "out2"), checkpoint, audit=True, **JOB)

@@ -38,6 +38,7 @@ import json
 import re
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping, Sequence
@@ -95,6 +96,22 @@ def _audit_record(urls: Sequence[str], seed: int, so: Mapping[str, Any]) -> dict
     r = audit_shards(list(urls), seed=seed, storage_options=so).to_dict()
     r.pop("seconds", None)
     return r
+
+
+class StillPoisonedWarning(RuntimeWarning):
+    """The audit finds the purified output as learnable by a shortcut as a poisoned set (verdict "poisoned")."""
+
+
+def warn_if_still_poisoned(output: str, record: Mapping[str, Any]) -> None:
+    """Say so when purification left a shortcut: D-VAE removes small additive perturbations, and a poison of
+    another kind (e.g. class-wise image filters) passes through it; training on such output stays unlearnable."""
+    o = record["output"]
+    if o["verdict"] == "poisoned":
+        warnings.warn(f"{output}: the purified output still scores as poisoned (shortcut score {record['input']['score']:.3f}"
+                      f" -> {o['score']:.3f}): purification did not remove this poison (D-VAE removes small additive "
+                      "perturbations; class-wise image filters, for one, pass through it), and a model trained on it "
+                      "is likely to learn the shortcut instead of the images", StillPoisonedWarning,
+                      stacklevel=3)  # fmt: skip
 
 
 
@@ -230,7 +247,8 @@ def purify_shards(
     holds no timestamps or run ids, so identical runs write identical bytes, manifest included.
     ``on_shard_written(entry)`` is called after each shard.
     audit=True records the learnability audit (`audit.audit_shards`, <= 10k sampled images, ~1 min on 2 cores each)
-    of the inputs and of the output in the manifest and the summary: "shortcut score 0.95 -> 0.36".
+    of the inputs and of the output in the manifest and the summary: "shortcut score 0.95 -> 0.36"; an output
+    that still scores "poisoned" raises a `StillPoisonedWarning`.
     stages=1 writes the stage-1 output only (used by `fit_purifier` to build stage 2's training set).
     actors/num_cpus/num_gpus/threads/batch_size/bf16 as in ``PurifyStage``; read_num_cpus: CPUs per read task.
     Returns a `PurifySummary` (also printed when progress is shown).
@@ -311,6 +329,7 @@ def purify_shards(
     if audit and len(entries) == len(urls):
         out_urls = [shards.join(output, entries[i]["output"]) for i in sorted(entries)]
         manifest["audit"] = {"input": _audit_record(urls, seed, so), "output": _audit_record(out_urls, seed, so)}
+        warn_if_still_poisoned(output, manifest["audit"])
     path = save_manifest(output, manifest, entries, len(urls), so)
     seconds = time.perf_counter() - t0
     n_in = asm.samples_in if asm else 0
