@@ -171,3 +171,21 @@ def test_cpu_presets_differ_by_one_documented_step_each() -> None:
     assert "cpu-sharp" not in DVAEConfig.presets()
     with pytest.raises(ValueError, match="batch sizes"):
         DVAEConfig.preset("cpu", batch_size_stage2=0)
+
+
+def test_the_formulas_a_compiled_fit_uses_match_the_fused_op():
+    """`sample_with_kl_formulas` (what `train.compiled` hands to torch.compile) computes the fused op's z and KL
+    and the same gradients for mu and logvar."""
+    from purify_pipeline.dvae.model import sample_with_kl, sample_with_kl_formulas
+
+    g = torch.Generator().manual_seed(1)
+    mu0, lv0, eps = (torch.randn(2, 8, 3, 3, generator=g) for _ in range(3))
+    gz = torch.randn(2, 8, 3, 3, generator=g)
+    res = []
+    for fn in (sample_with_kl, sample_with_kl_formulas):
+        mu, lv = mu0.clone().requires_grad_(), (0.3 * lv0).requires_grad_()
+        z, kl = fn(mu, lv, eps)
+        ((z * gz).sum() + 0.7 * kl).backward()
+        res.append((z.detach(), kl.detach(), mu.grad, lv.grad))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

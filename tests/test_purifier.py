@@ -303,7 +303,7 @@ def test_channels_last_fit_follows_the_standard_layout_loss_curve(cifar10_dir):
 
 
 def test_compiled_fit_follows_the_eager_loss_curve_and_leaves_an_eager_model(cifar10_dir):
-    """`fit_stage(compile=True)` (torch.compile of the encoder and decoders) trains the same model: per-epoch losses
+    """`fit_stage(compile=True)` (torch.compile of the encoder, decoders and latent op) trains the same model: per-epoch losses
     and KL agree with the eager fit's to float tolerance; afterwards the model is eager again, with the same keys."""
     from purify_pipeline.data.shards import load_arrays
     from purify_pipeline.dvae.train import COMPILED_PARTS
@@ -321,6 +321,7 @@ def test_compiled_fit_follows_the_eager_loss_curve_and_leaves_an_eager_model(cif
     assert curves[0] != curves[1]  # compiled kernels really ran (other rounding)...
     np.testing.assert_allclose(np.array(curves[0]), np.array(curves[1]), rtol=1e-3)  # ...the same training
     assert all(getattr(models[0], n)._compiled_call_impl is None for n in COMPILED_PARTS)  # eager again
+    assert models[0].latent_op is None
     assert list(models[0].state_dict()) == list(models[1].state_dict())  # checkpoints load either way
 
 def test_bf16_purification_is_seeded_close_to_fp32_and_the_stage_agrees(tiny_checkpoint, ray_session, cifar10_dir):

@@ -64,6 +64,16 @@ def sample_with_kl(mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Ten
     return _SampleWithKL.apply(mu, logvar, eps)
 
 
+def sample_with_kl_formulas(mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """The same (z, KL) as the textbook formulas under autograd, in fp32, z returned in mu's dtype: what a compiled
+    fit hands to `torch.compile` (`train.compiled`), which fuses forward and backward into a few loops each."""
+    m, lv = mu.float(), logvar.float()
+    std = torch.exp(0.5 * lv)
+    z = m + std * eps
+    kl = (0.5 * (m * m + std * std - 1.0 - lv)).sum(dim=1).mean()
+    return z.to(mu.dtype), kl
+
+
 
 def _encoder(cfg: DVAEConfig) -> nn.Sequential:
     w = cfg.width
@@ -113,6 +123,7 @@ class DVAE(nn.Module):
         self.decoder = _decoder(cfg, sigmoid=True)
         self.perturbation_decoder = _decoder(cfg, sigmoid=False)
         self.class_embedding = nn.Parameter(torch.randn(cfg.num_classes, c, g, g))
+        self.latent_op: Any = None  # replaces `sample_with_kl` while a fit runs compiled (`train.compiled`)
 
     def embed(self, y: Tensor) -> Tensor:
         """E[y] as a one-hot matmul: its backward is deterministic on CPU (indexing's scatter-add is not)."""
@@ -144,7 +155,7 @@ class DVAE(nn.Module):
             if eps is None:
                 eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=torch.float32)
             if torch.is_grad_enabled():
-                z, kl = sample_with_kl(mu, logvar, eps)
+                z, kl = (self.latent_op or sample_with_kl)(mu, logvar, eps)
             else:
                 z = mu + torch.exp(0.5 * logvar) * eps.to(mu.dtype)
         else:

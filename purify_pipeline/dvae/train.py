@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from purify_pipeline._progress import progress as _progress
 from purify_pipeline.dvae.config import DVAEConfig
 from purify_pipeline.dvae.losses import dvae_loss
+from purify_pipeline.dvae.model import sample_with_kl_formulas
 
 Batches = Callable[[int], Iterable[tuple[Any, Any]]]
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -287,19 +288,26 @@ def fit_stage(
     return history
 
 
-COMPILED_PARTS = ("encoder", "decoder", "perturbation_decoder")  # the convolution stacks; the latent op stays eager
+COMPILED_PARTS = ("encoder", "decoder", "perturbation_decoder")  # the convolution stacks; and the latent op
 
 
 @contextlib.contextmanager
 def compiled(model: nn.Module, enabled: bool | str = True) -> Iterator[None]:
     """Within the block, `model`'s encoder and decoders run through `torch.compile` with static shapes (a fit's
-    batches all have one size; a string `enabled` is the compile mode). Afterwards they are eager again:
-    purification and checkpoints never see compiled code, and the state dict's keys do not change."""
+    batches all have one size; a string `enabled` is the compile mode), and so does its latent sampling with the KL
+    (`sample_with_kl_formulas`: Inductor fuses the element-wise work on the 256-channel latent, forward and
+    backward). Afterwards all are eager again: purification and checkpoints never see compiled code, and the state
+    dict's keys do not change."""
     parts = [getattr(model, n) for n in COMPILED_PARTS] if enabled else []
+    mode = enabled if isinstance(enabled, str) else None
     for m in parts:
-        m.compile(dynamic=False, mode=enabled if isinstance(enabled, str) else None)
+        m.compile(dynamic=False, mode=mode)
+    if enabled:
+        model.latent_op = torch.compile(sample_with_kl_formulas, dynamic=False, mode=mode)
     try:
         yield
     finally:
         for m in parts:
             m._compiled_call_impl = None  # what nn.Module.compile set: back to the module's own __call__
+        if enabled:
+            model.latent_op = None
