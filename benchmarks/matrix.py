@@ -81,11 +81,11 @@ def dvae_fit_config(preset: str, fit_seed: int) -> DVAEConfig:
     return DVAEConfig.preset(preset, seed=fit_seed) if fit_seed else DVAEConfig.preset(preset)
 
 
-def dvae_cache_dir(cache: Path, name: str, cfg: DVAEConfig, bf16: bool) -> Path:
-    """Where one fit lives: keyed by the full resolved config (and the precision), never by the preset's name
-    alone, so a preset changed since a fit was cached can never reuse that fit."""
-    key = hashlib.sha256(json.dumps({"config": {**cfg.to_dict(), "preset_name": None}, "bf16": bf16},
-                                    sort_keys=True).encode()).hexdigest()[:10]  # fmt: skip
+def dvae_cache_dir(cache: Path, name: str, cfg: DVAEConfig, bf16: bool, compile: bool = False) -> Path:
+    """Where one fit lives: keyed by the full resolved config (and the precision, and compile when on), never by the
+    preset's name alone, so a preset changed since a fit was cached can never reuse that fit."""
+    what = {"config": {**cfg.to_dict(), "preset_name": None}, "bf16": bf16} | ({"compile": True} if compile else {})
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
     return cache / f"dvae-{name}-{cfg.preset_name.split('+')[0]}-s{cfg.seed}-{key}"
 
 
@@ -105,7 +105,7 @@ def _dvae(cache: Path, name: str, poisoned: np.ndarray, clean: shards.ShardArray
     from purify_pipeline import fit_purifier, purify_shards
 
     cfg = dvae_fit_config(preset, fit_seed)
-    root = dvae_cache_dir(cache, name, cfg, args.dvae_bf16)
+    root = dvae_cache_dir(cache, name, cfg, args.dvae_bf16, args.dvae_compile)
     src = root / "poisoned"
     digest = poison_digest(poisoned)
     if (src / "manifest.json").exists():
@@ -127,7 +127,7 @@ def _dvae(cache: Path, name: str, poisoned: np.ndarray, clean: shards.ShardArray
     if fitted:
         fit_purifier(str(src / "train-*.tar"), preset=cfg, output=str(ckpt), num_workers=1,
                      use_gpu=args.device.startswith("cuda"), storage_path=str(root / "runs"), run_name="fit", bf16=args.dvae_bf16,
-                     progress=not args.quiet)  # fmt: skip
+                     compile=args.dvae_compile, progress=not args.quiet)  # fmt: skip
     t1 = time.perf_counter()
     purify_shards(str(src / "train-*.tar"), str(root / "purified"), str(ckpt), mode="sample", seed=0,
                   num_gpus=1 if args.device.startswith("cuda") else 0, progress=not args.quiet,
@@ -137,7 +137,8 @@ def _dvae(cache: Path, name: str, poisoned: np.ndarray, clean: shards.ShardArray
     assert out.keys == clean.keys, "purified shards lost or reordered samples"
     if not (root / "seconds.json").exists():  # first (real) fit + purify only; cached re-runs take seconds
         meta = json.loads((ckpt / "config.json").read_text()).get("metrics", {})
-        (root / "seconds.json").write_text(json.dumps(dvae_seconds(fitted, t1 - t0, t2 - t1, meta) | {"bf16": args.dvae_bf16}))
+        (root / "seconds.json").write_text(json.dumps(dvae_seconds(fitted, t1 - t0, t2 - t1, meta)
+                                                      | {"bf16": args.dvae_bf16, "compile": args.dvae_compile}))
     return out.images
 
 
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="D-VAE fit seeds: a D-VAE cell rests on every fit, each with every classifier seed")
     ap.add_argument("--dvae-bf16", action="store_true",
                     help="fit and apply the D-VAE with bfloat16 autocast (GPU or AMX CPU)")
+    ap.add_argument("--dvae-compile", action="store_true", help="fit the D-VAE with fit_purifier(compile=True)")
     ap.add_argument("--no-clean", action="store_true", help="leave out the clean-training row (already measured)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache", default=None)
@@ -360,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
                         x = apply_defense(DEFENSES[post][0], x, **DEFENSES[post][1])
                     purified.setdefault(label, x)
                     fit = {"dvae_fit_seed": f, "dvae_config": dvae_fit_config(preset, f).to_dict(),
-                           "dvae_bf16": args.dvae_bf16}  # fmt: skip
+                           "dvae_bf16": args.dvae_bf16} | ({"dvae_compile": True} if args.dvae_compile else {})
                     for s in seeds:
                         run_cell(cache, name, label, s, x, clean, delta, test, clf, args, poison_sha=psha, fit=fit)
                 continue

@@ -158,7 +158,7 @@ def test_matrix_refuses_a_cached_dvae_fit_made_on_another_poison_generation(tmp_
     src.mkdir(parents=True)
     (src / "manifest.json").write_text(json.dumps({"poison": "em", "poison_sha256": "0123456789abcdef"}))
     with pytest.raises(RuntimeError, match="poison generation 0123456789abcdef"):
-        m._dvae(tmp_path, "em", np.zeros((2, 4, 4, 3), np.uint8), None, "cpu", SimpleNamespace(dvae_bf16=False))
+        m._dvae(tmp_path, "em", np.zeros((2, 4, 4, 3), np.uint8), None, "cpu", SimpleNamespace(dvae_bf16=False, dvae_compile=False))
 
 
 def test_matrix_fits_are_keyed_by_their_resolved_config_and_cells_report_the_spread_over_fits(tmp_path: Path) -> None:
@@ -169,8 +169,10 @@ def test_matrix_fits_are_keyed_by_their_resolved_config_and_cells_report_the_spr
     assert d0 == m.dvae_cache_dir(tmp_path, "lsp", DVAEConfig.preset("cpu"), False)  # same config, same fit
     others = {m.dvae_cache_dir(tmp_path, "lsp", m.dvae_fit_config("cpu", 1), False),  # another fit seed
               m.dvae_cache_dir(tmp_path, "lsp", DVAEConfig.preset("cpu", tau1=1.0), False),  # a changed preset
-              m.dvae_cache_dir(tmp_path, "lsp", DVAEConfig.preset("cpu"), True)}  # another precision
-    assert d0 not in others and len(others) == 3
+              m.dvae_cache_dir(tmp_path, "lsp", DVAEConfig.preset("cpu"), True),  # another precision
+              m.dvae_cache_dir(tmp_path, "lsp", DVAEConfig.preset("cpu"), False, True)}  # a compiled fit
+    assert d0 not in others and len(others) == 4
+    assert d0 == m.dvae_cache_dir(tmp_path, "lsp", DVAEConfig.preset("cpu"), False, False)  # older caches keep their key
     (d0 / "checkpoint").mkdir(parents=True)
     (d0 / "checkpoint" / "config.json").write_text("{}")
     assert m.matrix_fit_dir(tmp_path, "lsp", "cpu") == d0  # what ablate.py / diagnose_dvae.py read
