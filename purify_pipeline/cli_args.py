@@ -87,7 +87,8 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default 0.5 on CPU, 1 with --gpu)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU, or a CPU with AMX / AVX512-BF16)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the conv stacks (for GPUs; no gain on CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model while fitting (a CPU needs a C++ compiler; with --bf16 on AMX: 1.06-1.12x)")
     p.add_argument("--storage-path", help="where run state lives (default <out>.runs)")
     p.add_argument("--restart", action="store_true", help="start a fresh run instead of resuming")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")

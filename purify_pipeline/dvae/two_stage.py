@@ -133,7 +133,7 @@ def fit_two_stage(images: np.ndarray, labels: np.ndarray, preset: str | DVAEConf
 
     preset: a preset name (its classes: `class_names`, else the largest label + 1) or a DVAEConfig, as for
     `fit_purifier`. keys: one per image (default: the zero-padded index). bf16: bfloat16 autocast (a GPU, or a CPU with AMX /
-    AVX512-BF16). compile: `torch.compile` the convolution stacks while training (`fit_stage`; a string is the mode).
+    AVX512-BF16). compile: `torch.compile` the model while training (`fit_stage`; a string is the mode).
     channels_last: NHWC layout (None: on a CPU only, `train.use_channels_last`). checkpoint_dir:
     save each stage's state there after every epoch and, when called again with the same config and data, resume
     from the last saved epoch; the result has the bytes of an uninterrupted fit."""

@@ -209,7 +209,7 @@ def fit_purifier(
     (0.5 by default on CPU; see RAY-NOTES). threads_per_worker: torch threads of a CPU worker (default: the
     node's cores split among its workers). bf16: bfloat16 autocast, on a GPU or a CPU with native bf16 (AMX /
     AVX512-BF16: 1.3x faster for `cpu`, 1.9x for `paper` here); part of the run's identity, so it never resumes an fp32 run.
-    compile: `torch.compile` the D-VAE's convolution stacks in each worker (`fit_stage`); also part of the identity.
+    compile: `torch.compile` the D-VAE (convolution stacks and latent op) in each worker (`fit_stage`); also part of the identity.
     """
     import ray
 
