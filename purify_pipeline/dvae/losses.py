@@ -4,17 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from purify_pipeline.dvae.model import DVAEOutput
-
-
-def kl_per_position(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(q(z|x) || N(0, I)) summed over latent channels, averaged over positions and batch (nats/position).
-
-    On a 16x16 grid tau = 1 is 256 nats per image: a per-image sum or a mean over all dimensions would move the
-    operating point by a factor of 256.
-    """
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)  # N, C, H, W
-    return kl.sum(dim=1).mean()
+from purify_pipeline.dvae.model import DVAEOutput, kl_per_position
 
 
 def dvae_loss(
