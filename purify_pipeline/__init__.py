@@ -67,8 +67,4 @@ def __dir__() -> list[str]:
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointError", "ClassifierConfig", "DVAE", "DVAEConfig", "Purifier", "PurifyBatch", "PurifyConfig",
-    "PurifyStage", "PurifySummary", "ShardError", "audit", "defenses", "fit_purifier", "fit_stage", "fit_two_stage",
-    "poisons", "psnr", "purify_shards", "retention", "shards", "train_classifier", "train_classifier_ray",
-]  # fmt: skip
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])

@@ -41,7 +41,6 @@ def test_jpeg_round_trips_through_the_codec(images: np.ndarray) -> None:
     for img, o in zip(images, out):
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="JPEG", quality=10)
-        assert buf.getvalue()[:2] == b"\xff\xd8"  # a real JPEG stream
         np.testing.assert_array_equal(o, np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")))
     # lossy: quality 10 changes pixels a lot, quality 95 much less
     err10 = np.abs(out.astype(int) - images).mean()

@@ -62,7 +62,7 @@ def test_two_node_cluster_purify_shards(cluster, tmp_path, cifar10_dir, checkpoi
 
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     inputs, groups = _inputs(tmp_path, cifar10_dir)
-    # 0.75 CPU per actor + 0.25 per read task: each 1-CPU node fits one actor, so the pool spans both nodes
+    # 0.75 CPU per actor + 0.25 per read task: each 1-CPU node fits one actor, so the pool can span both nodes
     summary = purify_shards(inputs, str(tmp_path / "out"), checkpoint, batch_size=20, actors=2, num_cpus=0.75,
                             read_num_cpus=0.25, progress=False)  # fmt: skip
     assert (summary.shards_written, summary.samples_out) == (4, 160)

@@ -191,7 +191,7 @@ def test_fit_stage_reports_metrics_and_resumes_identically():
 
 
 def test_fit_stage_pins_kl_near_tau():
-    """A few hundred steps: the hinge holds KL at tau (it would drift far above it without the hinge)."""
+    """A few hundred steps: the rate hinge holds the KL near tau."""
     r = np.random.default_rng(0)
     x, y = r.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8), r.integers(0, 2, 256)
     x = (x // 64 * 64).astype(np.uint8)  # some structure to encode
