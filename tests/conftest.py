@@ -15,6 +15,25 @@ os.environ.setdefault("PURIFY_PIPELINE_NO_PROGRESS", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+REFERENCE_LAYOUT = ("the reference CIFAR-10 shards: manifest.json, train-000000..000049.tar and test-000000..000009.tar "
+                    "of 1,000 samples each, keys numbered in stored order (train_00000.jpg first)")
+
+
+def _is_reference_layout(d: Path) -> bool:
+    """Tests pin shard counts and keys of the reference set; another CIFAR-10 copy (e.g. `convert`'s) differs."""
+    import json
+    import tarfile
+
+    try:
+        splits = json.loads((d / "manifest.json").read_text())["splits"]
+        sizes = {k: [s["samples"] for s in splits[k]["shards"]] for k in ("train", "test")}
+        with tarfile.open(d / "train-000000.tar") as tf:
+            first = tf.next()
+    except (OSError, KeyError, TypeError, ValueError, tarfile.TarError):
+        return False
+    return sizes == {"train": [1000] * 50, "test": [1000] * 10} and first is not None and first.name == "train_00000.jpg"
+
+
 def cifar_dir() -> Path:
     """CIFAR-10 WebDataset shards: $PURIFY_PIPELINE_DATA, else ../shared/data/cifar10 beside the repo."""
     env = os.environ.get("PURIFY_PIPELINE_DATA")
@@ -22,8 +41,10 @@ def cifar_dir() -> Path:
     cands += [REPO.parent / "shared" / "data" / "cifar10", REPO / "shared" / "data" / "cifar10"]
     for c in cands:
         if (c / "train-000000.tar").exists():
+            if not _is_reference_layout(c):
+                pytest.skip(f"{c} is not {REFERENCE_LAYOUT}")
             return c
-    pytest.skip("CIFAR-10 shards not found (set PURIFY_PIPELINE_DATA)")
+    pytest.skip(f"CIFAR-10 shards not found: set PURIFY_PIPELINE_DATA to {REFERENCE_LAYOUT}")
 
 
 @pytest.fixture(scope="session")
