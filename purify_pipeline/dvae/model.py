@@ -64,13 +64,13 @@ def sample_with_kl(mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Ten
     return _SampleWithKL.apply(mu, logvar, eps)
 
 
-def kl_per_position(mu: Tensor, logvar: Tensor) -> Tensor:
+def kl_per_position(mu: Tensor, logvar: Tensor, var: Tensor | None = None) -> Tensor:
     """KL(q(z|x) || N(0, I)) summed over latent channels, averaged over positions and batch (nats/position).
 
     On a 16x16 grid tau = 1 is 256 nats per image: a per-image sum or a mean over all dimensions would move the
-    operating point by a factor of 256.
+    operating point by a factor of 256. `var` = exp(logvar) when the caller already has it (no second exp).
     """
-    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)  # N, C, H, W
+    kl = 0.5 * (mu.pow(2) + (logvar.exp() if var is None else var) - 1.0 - logvar)  # N, C, H, W
     return kl.sum(dim=1).mean()
 
 
@@ -78,8 +78,8 @@ def sample_with_kl_formulas(mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Te
     """The same (z, KL) as the textbook formulas under autograd, in fp32, z returned in mu's dtype: what a compiled
     fit hands to `torch.compile` (`train.compiled`), which fuses forward and backward into a few loops each."""
     m, lv = mu.float(), logvar.float()
-    z = m + torch.exp(0.5 * lv) * eps
-    return z.to(mu.dtype), kl_per_position(m, lv)
+    std = torch.exp(0.5 * lv)
+    return (m + std * eps).to(mu.dtype), kl_per_position(m, lv, var=std * std)
 
 
 def _encoder(cfg: DVAEConfig) -> nn.Sequential:
