@@ -174,7 +174,8 @@ def run_cell(cache: Path, poison: str, defense: str, seed: int, train_x: np.ndar
     cell = {"poison": poison, "defense": defense, "seed": seed, "test_acc": 100.0 * res["test_acc"],
             "train_seconds": time.perf_counter() - t0, "psnr_vs_clean": psnr(train_x, clean.images) if poison != "clean" else None,
             "retention": retention(train_x, clean.images, delta) if delta is not None else None,
-            "poison_sha256": poison_sha, **(fit or {})}  # fmt: skip
+            "poison_sha256": poison_sha, "train_loss": [round(h["train_loss"], 4) for h in res["history"]],
+            **(fit or {})}  # fmt: skip
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(cell))
     fit_txt = f" (D-VAE fit seed {fit['dvae_fit_seed']})" if fit else ""

@@ -126,6 +126,7 @@ def test_matrix_partial_run_updates_its_cells_and_keeps_the_others(cifar10_dir: 
     assert set(got) == {("clean", "none"), ("lsp", "none"), ("lsp", "jpeg10"), ("ops", "jpeg10")}
     assert got[("ops", "jpeg10")]["test_acc"] == 42.0 and "restored_from" not in got[("lsp", "jpeg10")]
     assert got[("lsp", "none")]["retention"] == 1.0  # measured here: the undefended set is the poison
+    assert len(got[("lsp", "none")]["train_loss"]) == 1  # the per-epoch training loss (the smoke tier: one epoch)
     assert "| ops | — | 42.0 |" in (out / "matrix.md").read_text()
     sha = _bench_module("matrix").poison_digest(np.load(cache / "poisoned-lsp.npz")["images"])
     assert got[("lsp", "none")]["poison_sha256"] == got[("lsp", "jpeg10")]["poison_sha256"] == sha

@@ -1,6 +1,7 @@
 """Evaluation classifiers: the paper ResNet-18, presets, batch augmentation, the training loop, Ray Train."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -170,6 +171,15 @@ def test_ueraser_augmentations_are_seeded_and_training_uses_them(rng: np.random.
         cfg = ClassifierConfig.preset("tiny", num_classes=4, epochs=1, batch_size=32, ueraser=views)
         r1, r2 = (train_classifier(xtr, ytr, xte, yte, cfg, seed=0, progress=False) for _ in range(2))
         assert r1["history"][0]["train_loss"] == r2["history"][0]["train_loss"] and np.isfinite(r1["test_loss"])
+    # One step on one batch from the same init: Lite's loss is on Max's first view, Max's is each image's highest
+    # over 3 views; with ueraser_max_fraction=0 Max is Lite (its K-view epochs are the first fraction of them).
+    one = lambda **kw: train_classifier(xtr, ytr, xte, yte, ClassifierConfig.preset(  # noqa: E731
+        "tiny", num_classes=4, epochs=1, batch_size=len(xtr), **kw), seed=0, progress=False)["history"][0]["train_loss"]
+    lite = one(ueraser=1)
+    assert one(ueraser=3, ueraser_max_fraction=1.0) > lite
+    assert one(ueraser=3, ueraser_max_fraction=0.0) == lite
+    with pytest.raises(ValueError, match="ueraser_max_fraction"):
+        ClassifierConfig.preset("tiny", ueraser=5, ueraser_max_fraction=1.5)
 
 
 def test_training_loop_on_cifar_subset(cifar10_dir: Path) -> None:
@@ -237,3 +247,6 @@ def test_ray_train_classifier_job(ray_session, tmp_path: Path, rng: np.random.Ge
 
     with pytest.raises(ValueError, match="lacks column"):
         train_classifier_ray(train_ds, None, cfg, image_column="jpg", label_column="cls")
+    for defense in ({"ueraser": 1}, {"adv_eps": 8 / 255}):  # the DDP loop has no training-time defenses: refused
+        with pytest.raises(ValueError, match="without training-time defenses"):
+            train_classifier_ray(train_ds, None, dataclasses.replace(cfg, **defense), image_column="png", label_column="cls")

@@ -77,8 +77,10 @@ class ClassifierConfig:
     adv_steps: int = 10
     adv_step_size: float | None = None
     # UEraser (a training-time defense): 0 = off; 1 = UEraser-Lite (each batch through its augmentations);
-    # K > 1 = UEraser-Max (K augmented views per image, the step taken on each image's highest-loss view)
+    # K > 1 = UEraser-Max: K augmented views per image, the loss is each image's highest over its views, for the
+    # first ueraser_max_fraction of the epochs, then one view (the reference code: the first 50 of 200 epochs)
     ueraser: int = 0
+    ueraser_max_fraction: float = 0.25
     preset_name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -97,8 +99,9 @@ class ClassifierConfig:
             raise ValueError("crop_padding, eval_every and warmup_epochs must be >= 0")
         if not 0 <= self.adv_eps <= 1 or self.adv_steps < 1 or (self.adv_step_size is not None and self.adv_step_size <= 0):
             raise ValueError("adv_eps must be in [0, 1], adv_steps >= 1 and adv_step_size > 0")
-        if self.ueraser < 0:
-            raise ValueError(f"ueraser must be >= 0 (views), got {self.ueraser}")
+        if self.ueraser < 0 or not 0 <= self.ueraser_max_fraction <= 1:
+            raise ValueError(f"ueraser must be >= 0 (views) and ueraser_max_fraction in [0, 1], got {self.ueraser}, "
+                             f"{self.ueraser_max_fraction}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ClassifierConfig":

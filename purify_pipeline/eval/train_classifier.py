@@ -83,23 +83,6 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ste
     return (x + delta).detach()
 
 
-def _ueraser_views(model: nn.Module, x: torch.Tensor, y: torch.Tensor, views: int, gen: torch.Generator,
-                   bf16: bool = False) -> torch.Tensor:  # fmt: skip
-    """UEraser-Lite (views=1): the batch through `augment.ueraser`. UEraser-Max (views=K): K augmented views per
-    image, scored without gradients, and each image's highest-loss view kept (the paper backpropagates the max
-    over K; here one backward pass on the chosen views)."""
-    if views == 1:
-        return ueraser(x, gen)
-    cands = [ueraser(x, gen) for _ in range(views)]
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        losses = torch.stack([F.cross_entropy(model(v).float(), y, reduction="none") for v in cands])
-    model.train(was_training)
-    pick = losses.argmax(0)
-    return torch.stack(cands)[pick, torch.arange(len(y), device=x.device)]
-
-
 def _memory_format(cfg: ClassifierConfig) -> torch.memory_format:
     return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
@@ -143,7 +126,8 @@ def train_classifier(
 
     bf16: bfloat16 autocast for the forward passes (a GPU, or a CPU with AMX); weights and SGD stay fp32.
     cfg.adv_eps > 0 trains adversarially (PGD-AT, `pgd_linf`), the classic training-time defense; it costs
-    about adv_steps + 1 forward/backward passes per step. cfg.ueraser = 1 / K trains through UEraser-Lite / -Max.
+    about adv_steps + 1 forward/backward passes per step. cfg.ueraser = 1 / K trains through UEraser-Lite / -Max
+    (Max: the mean over images of the highest loss among K augmented views, backpropagated, as the reference code).
 
     Returns {"test_acc", "test_loss", "history": [per-epoch dicts], "train_seconds", "num_parameters",
     "config", "seed", "device", "model"} where test_acc is the final epoch's clean test accuracy.
@@ -173,6 +157,7 @@ def train_classifier(
     opt, sched = make_optimizer(model, cfg, cfg.epochs * steps_per_epoch, steps_per_epoch)
 
     history: list[dict[str, Any]] = []
+    max_epochs = round(cfg.ueraser_max_fraction * cfg.epochs) if cfg.ueraser > 1 else 0  # UEraser-Max's K-view epochs
     t_start = time.perf_counter()
     for epoch in range(cfg.epochs):
         model.train()
@@ -188,13 +173,21 @@ def train_classifier(
             x = random_crop_flip(to_float_nchw(x_all[idx]), cfg.crop_padding, cfg.flip, gen)
             x = x.to(device, memory_format=mf)
             y = y_all[idx].to(device)
-            if cfg.ueraser:  # UEraser: strong augmentations; with K > 1 views, each image's worst one
-                x = _ueraser_views(model, x, y, cfg.ueraser, gen, bf16)
+            if cfg.ueraser:  # UEraser: strong augmentations; Max: K views, each image's highest loss (early epochs)
+                xs = [ueraser(x, gen) for _ in range(cfg.ueraser if epoch < max_epochs else 1)]
+            else:
+                xs = [x]
             if cfg.adv_eps > 0:  # adversarial training: the step is taken on the PGD examples
-                x = pgd_linf(model, x, y, cfg.adv_eps, cfg.adv_steps, cfg.adv_step_size, gen, bf16)
+                xs = [pgd_linf(model, v, y, cfg.adv_eps, cfg.adv_steps, cfg.adv_step_size, gen, bf16) for v in xs]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                logits_k = [model(v) for v in xs]
+            logits = logits_k[-1]
+            if len(xs) == 1:
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            else:
+                losses = [F.cross_entropy(lg.float(), y, reduction="none", label_smoothing=cfg.label_smoothing)
+                          for lg in logits_k]  # fmt: skip
+                loss = torch.stack(losses).amax(0).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -357,6 +350,9 @@ def train_classifier_ray(
     from ray.train.torch import TorchTrainer
 
     cfg = cfg or ClassifierConfig.preset("paper")
+    if cfg.adv_eps > 0 or cfg.ueraser:  # the DDP loop has plain steps only: refuse rather than train without them
+        raise ValueError(f"train_classifier_ray trains without training-time defenses; got adv_eps={cfg.adv_eps}, "
+                         f"ueraser={cfg.ueraser} (use train_classifier for PGD-AT and UEraser)")
     missing = {image_column, label_column} - set(train_ds.schema().names)
     if missing:
         raise ValueError(f"train_ds lacks column(s) {sorted(missing)}; it has {train_ds.schema().names} "
