@@ -15,7 +15,8 @@ Priority: (1) D-VAE on EM, AR, OPS, TAP at full scale, each with its undefended 
 budget, recorded in the cell); (2) second seeds (a second D-VAE fit and classifier seed) of every D-VAE cell;
 (3) the paper's full 60 + 60-epoch fit on LSP; (4) the rest of the threat model, D-VAE and undefended on CUDA, SEP
 and REM; (5) the other defenses' columns on every poison: sharpen + filter and UEraser-Lite, then PGD adversarial
-training (with 15 classifier epochs, said in its cells). A step needs at least --min-step-s of budget left.
+training (with 15 classifier epochs, said in its cells), then UEraser-Max. A step needs at least --min-step-s of
+budget left.
 """
 from __future__ import annotations
 
@@ -86,6 +87,9 @@ def next_step(have: set, poisons: list[str], later: list[str] = LATER_POISONS) -
         if not _has(have, p, "at", 0):
             return {"name": f"{p}-at", "poison": p, "jobs": ["at"], "seed": 0, "dvae_epochs": None,
                     "clf_epochs": AT_CLF_EPOCHS}
+    for p in rows:  # UEraser-Max: its 5-view quarter of training makes a run ~2.5x a standard one, a step of its own
+        if not _has(have, p, "ueraser-max", 0):
+            return {"name": f"{p}-ueraser-max", "poison": p, "jobs": ["ueraser-max"], "seed": 0, "dvae_epochs": None}
     return None
 
 

@@ -147,7 +147,8 @@ def test_campaign_then_adds_the_other_defenses_columns_with_at_last() -> None:
         steps.append((step["name"], step["jobs"], step.get("clf_epochs")))
         done |= {(step["poison"], j, step["seed"], None) for j in step["jobs"]}
     assert steps == ([(f"{p}-defenses", ["sharpen_ff", "ueraser"], None) for p in rows]
-                     + [(f"{p}-at", ["at"], campaign.AT_CLF_EPOCHS) for p in rows])
+                     + [(f"{p}-at", ["at"], campaign.AT_CLF_EPOCHS) for p in rows]
+                     + [(f"{p}-ueraser-max", ["ueraser-max"], None) for p in rows])
 
 
 def test_paper_gpu_training_defense_job_trains_on_the_poison_with_its_overrides(cifar10_dir: Path,
