@@ -33,8 +33,8 @@ RAW = REPO / "benchmarks" / "results" / "paper" / "raw"
 POISONS = ["em", "ar", "ops", "tap"]
 LATER_POISONS = ["cuda", "sep", "rem"]  # after the first four's second seeds and the full LSP fit
 PAPER_EPOCHS = 60
-DEFENSE_COLUMNS = ["sharpen_ff", "ueraser"]  # one ResNet-18 run each (UEraser-Lite ~1.2x standard training)
-# PGD-10 adversarial training costs ~8x standard training per epoch (benchmarks/results/classifier/defense-cost.md),
+DEFENSE_COLUMNS = ["sharpen_ff", "ueraser"]  # one ResNet-18 run each (UEraser-Lite ~1.3x standard training)
+# PGD-10 adversarial training costs ~9x standard training per epoch (benchmarks/results/classifier/defense-cost.md),
 # so the paper's 60 classifier epochs would not fit one call: AT cells train 15 (recorded in the cell, shown as
 # `at-clf15` in the tables)
 AT_CLF_EPOCHS = 15
@@ -87,7 +87,7 @@ def next_step(have: set, poisons: list[str], later: list[str] = LATER_POISONS) -
         if not _has(have, p, "at", 0):
             return {"name": f"{p}-at", "poison": p, "jobs": ["at"], "seed": 0, "dvae_epochs": None,
                     "clf_epochs": AT_CLF_EPOCHS}
-    for p in rows:  # UEraser-Max: its 5-view quarter of training makes a run ~2.5x a standard one, a step of its own
+    for p in rows:  # UEraser-Max: its 5-view quarter of training makes a run ~2.4x a standard one, a step of its own
         if not _has(have, p, "ueraser-max", 0):
             return {"name": f"{p}-ueraser-max", "poison": p, "jobs": ["ueraser-max"], "seed": 0, "dvae_epochs": None}
     return None
