@@ -12,6 +12,8 @@ training run). Budgets default to the original papers'
 values and are keyword options (`eps=`, `l2=`, ...); compute knobs for em/rem/tap/sep likewise. Per-sample noise
 comes from (seed, sample id): pass `sample_ids` (ints or string keys) and the bytes do not depend on
 batching. The poisoned image is clip(x + round(255·delta)) and every budget holds after that quantisation.
+em, rem, tap and sep train a surrogate network: the same seed gives the same bytes on one machine, but other
+bytes on another CPU model (its float kernels differ), so keep the poisoned shards when the exact bytes matter.
 """
 from __future__ import annotations
 
