@@ -136,7 +136,8 @@ def test_campaign_priority_reaches_the_rest_of_the_threat_model() -> None:
 
 def test_campaign_then_adds_the_other_defenses_columns_then_at_then_ueraser_max() -> None:
     """After every poison's D-VAE and undefended rows, the campaign adds sharpen+filter and UEraser on each poison,
-    then PGD adversarial training with the shortened classifier schedule it records; then nothing is left."""
+    then PGD adversarial training with the shortened classifier schedule it records, then UEraser-Max; then nothing
+    is left."""
     sys.path.insert(0, str(SCRIPT.parent))
     import campaign
 
